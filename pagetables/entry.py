@@ -1,0 +1,152 @@
+"""Paging-structure entry bits and paging modes, defined once (SDM vol. 3A 4.5).
+
+A paging mode is data: the list of levels, each with its name, the address bits
+it indexes and whether it may map a page (PS=1). The walker, builder and dumper
+all read these tables instead of hard-coding bit positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntFlag
+
+__all__ = [
+    "ADDRESS_MASK",
+    "FIVE_LEVEL",
+    "FOUR_LEVEL",
+    "PAT_LARGE",
+    "PKEY_MASK",
+    "PKEY_SHIFT",
+    "Level",
+    "PagingMode",
+    "PteFlag",
+    "describe_entry",
+    "entry_address",
+    "entry_pkey",
+    "paging_mode",
+]
+
+
+class PteFlag(IntFlag):
+    """Bits common to 4-level/5-level paging entries (SDM vol. 3A Tables 4-15 to 4-20)."""
+
+    P = 1 << 0  # present
+    RW = 1 << 1  # writable
+    US = 1 << 2  # user-mode accessible
+    PWT = 1 << 3  # page-level write-through
+    PCD = 1 << 4  # page-level cache disable
+    A = 1 << 5  # accessed
+    D = 1 << 6  # dirty (leaf entries only)
+    PS = 1 << 7  # page size in PDPTE/PDE; PAT in a 4 KiB PTE
+    G = 1 << 8  # global (leaf entries only)
+    AVL9 = 1 << 9  # bits 11:9 are ignored by hardware: software-available
+    AVL10 = 1 << 10
+    AVL11 = 1 << 11
+    AVL52 = 1 << 52  # bits 58:52 are ignored: software-available
+    AVL53 = 1 << 53
+    AVL54 = 1 << 54
+    AVL55 = 1 << 55
+    AVL56 = 1 << 56
+    AVL57 = 1 << 57
+    AVL58 = 1 << 58
+    XD = 1 << 63  # execute-disable (reserved unless EFER.NXE)
+
+
+# Bit 7 of a 4 KiB PTE is PAT; in a 2 MiB/1 GiB leaf PAT moves to bit 12
+# (SDM vol. 3A Tables 4-17 and 4-19).
+PAT_4K = PteFlag.PS
+PAT_LARGE = 1 << 12
+# Protection key, bits 62:59 of a leaf entry when CR4.PKE/PKS (SDM vol. 3A 4.6.2).
+PKEY_SHIFT = 59
+PKEY_MASK = 0xF << PKEY_SHIFT
+# Frame address bits 51:12 (bounded further by MAXPHYADDR).
+ADDRESS_MASK = ((1 << 52) - 1) & ~0xFFF
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the walk: its name, the lowest VA bit it indexes, and whether PS may map."""
+
+    name: str  # SDM name: PML5E, PML4E, PDPTE, PDE, PTE
+    linux_name: str  # ptdump's name: pgd, p4d, pud, pmd, pte
+    shift: int
+    large_pages: bool
+
+    @property
+    def page_size(self) -> int:
+        """Bytes one entry at this level covers."""
+        return 1 << self.shift
+
+
+@dataclass(frozen=True)
+class PagingMode:
+    """A paging mode described as data (SDM vol. 3A 4.5)."""
+
+    name: str
+    levels: tuple[Level, ...]
+
+    @property
+    def va_bits(self) -> int:
+        return self.levels[0].shift + 9
+
+    def is_canonical(self, va: int) -> bool:
+        """SDM vol. 3A 3.3.7.1: bits 63:va_bits-1 all equal."""
+        top = va >> (self.va_bits - 1)
+        return top == 0 or top == (1 << (65 - self.va_bits)) - 1
+
+    def canonical(self, va: int) -> int:
+        """Sign-extend a ``va_bits``-bit address to 64 bits."""
+        va &= (1 << self.va_bits) - 1
+        if va >> (self.va_bits - 1):
+            va |= ((1 << 64) - 1) ^ ((1 << self.va_bits) - 1)
+        return va
+
+    def index(self, va: int, depth: int) -> int:
+        return (va >> self.levels[depth].shift) & 0x1FF
+
+
+_PTE = Level("PTE", "pte", 12, False)
+_PDE = Level("PDE", "pmd", 21, True)
+_PDPTE = Level("PDPTE", "pud", 30, True)
+_PML4E = Level("PML4E", "p4d", 39, False)
+_PML5E = Level("PML5E", "pgd", 48, False)
+
+# With 4 levels Linux folds p4d into pgd, so its ptdump names the top level "pgd".
+FOUR_LEVEL = PagingMode("4-level", (Level("PML4E", "pgd", 39, False), _PDPTE, _PDE, _PTE))
+FIVE_LEVEL = PagingMode("5-level", (_PML5E, _PML4E, _PDPTE, _PDE, _PTE))
+
+
+def paging_mode(la57: bool) -> PagingMode:
+    """The IA-32e paging mode selected by CR4.LA57."""
+    return FIVE_LEVEL if la57 else FOUR_LEVEL
+
+
+def entry_address(entry: int, level: Level, leaf: bool, maxphyaddr: int = 52) -> int:
+    """Physical address an entry points to: a table, or the base of the page it maps."""
+    mask = ADDRESS_MASK & ((1 << maxphyaddr) - 1)
+    if leaf:
+        mask &= ~(level.page_size - 1)
+    return entry & mask
+
+
+def entry_pkey(entry: int) -> int:
+    return (entry & PKEY_MASK) >> PKEY_SHIFT
+
+
+def describe_entry(entry: int, leaf: bool = True, large: bool = False) -> str:
+    """Set bits by SDM name, e.g. ``P|RW|US|A|XD``; PAT is named where it applies."""
+    names = []
+    for flag in PteFlag:
+        if not entry & flag:
+            continue
+        if flag is PteFlag.PS and leaf and not large:
+            names.append("PAT")
+        elif flag in (PteFlag.D, PteFlag.G) and not leaf:
+            continue  # ignored in non-leaf entries
+        else:
+            names.append(flag.name)
+    if leaf and large and entry & PAT_LARGE:
+        names.append("PAT")
+    if entry & PKEY_MASK:
+        names.append(f"PKEY={entry_pkey(entry)}")
+    return "|".join(names) if names else "-"
