@@ -184,7 +184,7 @@ class SymbolTable:
         located = np.flatnonzero([t not in _UNLOCATED for t in self._type])
         loc_addrs = ordered[located]
         first = np.ones(len(located), dtype=bool)
-        pass
+        first[1:] = loc_addrs[1:] != loc_addrs[:-1]
         self._loc_addrs: list[int] = loc_addrs[first].tolist()
         self._loc_index: list[int] = located[first].tolist()
         # Inserting in reverse leaves each name mapped to its first (lowest) index.

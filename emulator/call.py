@@ -13,7 +13,8 @@ mapped code in any snapshot taken while the kernel ran. The machine runs until R
 back there with the stack popped (``rsp`` one slot above the return address), so a
 callee that passes through the caller's RIP itself does not end the call early.
 Afterwards every general register, RIP and RFLAGS are restored; memory the callee
-wrote (and the frame below the caller's stack pointer) stays written.
+wrote (and the frame below the caller's stack pointer) stays written. The callee runs
+at the machine's current privilege level and with its current CR3.
 
 .. _call failures:
 

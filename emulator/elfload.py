@@ -7,9 +7,10 @@
   x86-64 ``RELA`` relocations against its own symbols and the kernel's, the way the
   kernel's module loader does (``arch/x86/kernel/module.c`` supports the same types).
 
->>> module = load_relocatable(ctx, "cfuncs.o", 0xffffffffc0000000, symbols=ctx.symbols)
->>> hex(module.symbols.address("crc32"))                                # doctest: +SKIP
-'0xffffffffc0000000'
+>>> module = load_relocatable(ctx, "module.o", 0xffffffffc0000000, symbols=kernel.symbols)
+... # doctest: +SKIP
+>>> str(module.symbols.lookup(0xffffffffc0000004))                      # doctest: +SKIP
+'module_entry+0x4 [module]'
 
 .. _elf load failures:
 
@@ -37,7 +38,7 @@ from elftools.elf.elffile import ELFFile
 from ..errors import KctxError, SymbolError
 from ..physmem import PhysicalMemory
 from ..symbols import SymbolTable
-from .relocs import (
+from .elfreloc import (
     AppliedRelocation,
     ElfLoadError,
     LoadedSection,
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 _MACHINE = "EM_X86_64"
+_ZERO_CHUNK = 1 << 20  # zero-fill a large .bss in pieces, not one huge buffer
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -171,7 +173,9 @@ def load_executable(target: PhysicalMemory | object, path: str | os.PathLike[str
     for seg, _data in pieces:
         _check_backed(mem, where, seg)
     for seg, data in pieces:
-        mem.write(seg.paddr, data + bytes(seg.memsz - seg.filesz))
+        mem.write(seg.paddr, data)
+        for start in range(seg.paddr + seg.filesz, seg.paddr + seg.memsz, _ZERO_CHUNK):
+            mem.write(start, bytes(min(_ZERO_CHUNK, seg.paddr + seg.memsz - start)))
     try:
         symbols = SymbolTable.from_elf(where) if has_symbols else SymbolTable(())
     except SymbolError as exc:

@@ -23,8 +23,8 @@ import numpy as np
 from kctx_debug.errors import PageTableError, UnbackedMemoryError
 from kctx_debug.physmem import PAGE_SIZE, PhysicalMemory
 
-from .entry import ADDRESS_MASK, PAT_LARGE, PKEY_MASK, PKEY_SHIFT, PteFlag
-from .walk import INDEX_MASK, CpuPagingState
+from .entry import ADDRESS_MASK, INDEX_MASK, PAT_LARGE, PKEY_MASK, PKEY_SHIFT, PteFlag
+from .walk import CpuPagingState
 
 __all__ = ["BatchResult", "BatchStatus", "translate_many"]
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..buildspec import PageTableSpec
-from ..errors import PageTableError
+from ..errors import PageTableError, UnbackedMemoryError
 from ..physmem import MAX_PHYS_BITS, PAGE_SIZE, PhysicalMemory
 from .entry import (
     ADDRESS_MASK,
+    INDEX_MASK,
     PAT_4K,
     PAT_LARGE,
     PKEY_MASK,
@@ -42,7 +43,7 @@ from .entry import (
 
 __all__ = ["TABLE_ENTRY_FLAGS", "BuiltTables", "PageTableBuilder", "build_page_tables"]
 
-_ENTRIES = 512
+_ENTRIES = INDEX_MASK + 1  # per table
 # Every non-leaf entry the builder writes (see the module docstring).
 TABLE_ENTRY_FLAGS = PteFlag.P | PteFlag.RW | PteFlag.US
 # Leaf bits a caller may ask for; P is implied, PS/PAT/pkey/address are placed by the
@@ -96,27 +97,29 @@ class PageTableBuilder:
         self.table_base = table_base
         self.table_size = table_size
         self._next = table_base
-        self._frames: list[int] = []
         self._mapped: list[tuple[int, int, str]] = []  # (va, end, where): names earlier mappings
         self.root = self._alloc(where)
 
     @property
     def frames_used(self) -> tuple[int, ...]:
-        return tuple(self._frames)
+        """Physical addresses of the table frames allocated so far, in order."""
+        return tuple(range(self.table_base, self._next, PAGE_SIZE))
 
     def _alloc(self, where: str) -> int:
         if self._next >= self.table_base + self.table_size:
             raise _fail(
                 where,
                 f"table area {self.table_base:#x}+{self.table_size:#x} is exhausted "
-                f"({len(self._frames)} frames used)",
+                f"({(self._next - self.table_base) // PAGE_SIZE} frames used)",
             )
         address = self._next
-        if not self.mem.frame_backed(address // PAGE_SIZE):
-            raise _fail(where, f"table frame {address:#x} is not backed by physical memory")
-        self.mem.frame(address // PAGE_SIZE)[:] = 0
+        try:
+            self.mem.write(address, bytes(PAGE_SIZE))  # also marks the region modified
+        except UnbackedMemoryError:
+            raise _fail(
+                where, f"table frame {address:#x} is not backed by physical memory"
+            ) from None
         self._next += PAGE_SIZE
-        self._frames.append(address)
         return address
 
     # -- mapping ------------------------------------------------------------------

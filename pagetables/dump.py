@@ -25,7 +25,7 @@ the span the entry covers is reported as unmapped:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
@@ -35,6 +35,7 @@ from ..errors import PageTableError, UnbackedMemoryError
 from ..physmem import MAX_PHYS_BITS, PAGE_SIZE, PhysicalMemory
 from .entry import (
     ADDRESS_MASK,
+    INDEX_MASK,
     PAT_4K,
     PAT_LARGE,
     Level,
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 _U64 = (1 << 64) - 1
+_ENTRIES = INDEX_MASK + 1  # per table
 _P, _RW, _US, _PS, _XD = (
     np.uint64(f) for f in (PteFlag.P, PteFlag.RW, PteFlag.US, PteFlag.PS, PteFlag.XD)
 )
@@ -76,6 +78,8 @@ DEFAULT_SHARED_BUDGET = 4096
 
 
 class AnomalyKind(Enum):
+    """Why an entry was not simply followed; see the module docstring."""
+
     RECURSIVE = "recursive"
     SHARED = "shared"
     MISSING_FRAME = "missing-frame"
@@ -145,6 +149,8 @@ class MappingRange:
 
 @dataclass(frozen=True)
 class LayoutDump:
+    """What :func:`dump_layout` found: the ranges in VA order and the anomalies met."""
+
     ranges: tuple[MappingRange, ...]
     anomalies: tuple[TableAnomaly, ...]
 
@@ -185,7 +191,12 @@ def _reserved(e: np.ndarray, level: Level, last: bool, maxphyaddr: int) -> np.nd
 
 
 class _Walk:
-    """One traversal; holds the visited set, the anomaly sink and the sharing budget."""
+    """One traversal: the visited tables, the anomaly sink and the sharing budget.
+
+    A table met again from another slot costs the number of table visits its first
+    walk made; it is walked again when that fits in the budget. Inside such a
+    re-walk each slot repeats the decision of the first walk, so the cost is exact.
+    """
 
     def __init__(
         self,
@@ -206,7 +217,9 @@ class _Walk:
         self.maxphyaddr = maxphyaddr
         self.anomalies = anomalies if anomalies is not None else []
         self.budget = shared_budget
-        self.visited: set[int] = set()
+        self.visits = 0
+        self.sizes: dict[int, int] = {}  # table -> visits its first walk made
+        self.followed: dict[tuple[int, int], bool] = {}  # (table, index) -> descended?
 
     def segments(self, root: int) -> Iterator[TableSegment | None]:
         """Segments in VA order; ``None`` marks the non-canonical hole."""
@@ -216,13 +229,13 @@ class _Walk:
             entries = self.mem.frame(root // PAGE_SIZE)
         except UnbackedMemoryError:
             self.anomalies.append(TableAnomaly(AnomalyKind.MISSING_FRAME, 0, top, root, None))
-            entries = np.zeros(512, dtype=np.uint64)  # report the whole space unmapped
-        self.visited.add(root)
+            entries = np.zeros(_ENTRIES, dtype=np.uint64)  # report the whole space unmapped
         eff = np.uint64(PteFlag.RW | PteFlag.US)
-        yield from self._table(root, entries, 0, 0, 0, 256, eff, (root,), False)
+        half = _ENTRIES // 2  # the top level's upper half is the kernel's, sign-extended
+        yield from self._table(root, entries, 0, 0, 0, half, eff, (root,), False)
         yield None
-        upper = (1 << 64) - (1 << self.mode.va_bits)  # so that entry 256 sign-extends
-        yield from self._table(root, entries, 0, upper, 256, 512, eff, (root,), False)
+        upper = (1 << 64) - (1 << self.mode.va_bits)  # base + half << shift = upper half
+        yield from self._table(root, entries, 0, upper, half, _ENTRIES, eff, (root,), False)
 
     def _table(
         self, table, e, depth, base, lo, hi, eff_in, path, in_shared
@@ -234,6 +247,8 @@ class _Walk:
         hi = min(hi, max(0, -((base - self.end) >> shift)))  # ceil((end - base) / size)
         if lo >= hi:
             return
+        first_visit = self.visits
+        self.visits += 1
         last = depth == len(self.mode.levels) - 1
         usable = e & _P != 0
         rsv = usable & _reserved(e, level, last, self.maxphyaddr)
@@ -243,69 +258,68 @@ class _Walk:
         elif level.large_pages:
             leaf = usable & (e & _PS != 0)
         else:
-            leaf = np.zeros(512, dtype=bool)
+            leaf = np.zeros(_ENTRIES, dtype=bool)
         eff = np.where(leaf, (eff_in & e & (_RW | _US)) | ((eff_in | e) & _XD), np.uint64(0))
         prot = e & _FLAGS_MASK
         if level.large_pages:
             prot |= np.where(leaf, e & _PAT_LARGE, np.uint64(0))
-        prot[rsv] = 0
+        prot[rsv] = 0  # what the CPU would not use is shown unmapped
         leaf_mask = np.uint64(self.addr_mask & ~(level.page_size - 1))
         phys = np.where(leaf, e & leaf_mask, np.uint64(0))
-        for i in np.flatnonzero(rsv[lo:hi]).tolist():
-            self._report(AnomalyKind.RESERVED_BITS, base, lo + i, level, e, table)
+        segment = TableSegment(table, depth, level, base, lo, hi, leaf, prot, eff, phys)
 
-        children = []
-        for i in (np.flatnonzero((usable & ~leaf)[lo:hi]) + lo).tolist():
+        start = lo
+        for i in (np.flatnonzero((rsv | usable & ~leaf)[lo:hi]) + lo).tolist():
+            if rsv[i]:
+                if not in_shared:
+                    self._report(AnomalyKind.RESERVED_BITS, base, i, level, e, table)
+                continue
             child = self._child(table, e, i, base, level, path, in_shared)
             if child is None:
-                prot[i] = 0  # not followed: shown as unmapped
-            else:
-                children.append((i, *child))
-        segment = TableSegment(table, depth, level, base, lo, hi, leaf, prot, eff, phys)
-        start = lo
-        for i, child, child_entries, shared in children:
+                prot[i] = 0  # not followed: shown unmapped (segments from ``start`` are unsent)
+                continue
             if start < i:
-                yield _slice(segment, start, i)
+                yield replace(segment, lo=start, hi=i)
             child_eff = (eff_in & e[i] & (_RW | _US)) | ((eff_in | e[i]) & _XD)
             yield from self._table(
-                child, child_entries, depth + 1, base + (i << shift), 0, 512, child_eff,
-                (*path, child), shared,
+                child[0], child[1], depth + 1, base + (i << shift), 0, _ENTRIES, child_eff,
+                (*path, child[0]), child[2],
             )  # fmt: skip
             start = i + 1
         if start < hi:
-            yield _slice(segment, start, hi)
+            yield replace(segment, lo=start)
+        self.sizes.setdefault(table, self.visits - first_visit)
 
     def _child(self, table, e, i, base, level, path, in_shared):
         """(frame, entries, in_shared) to descend into, or None after reporting why not."""
         child = int(e[i]) & self.addr_mask
         if child in path:
-            self._report(AnomalyKind.RECURSIVE, base, i, level, e, table)
+            if not in_shared:
+                self._report(AnomalyKind.RECURSIVE, base, i, level, e, table)
             return None
+        key = (table, i)
+        if in_shared and key in self.followed:
+            return (child, self.mem.frame(child // PAGE_SIZE), True) if self.followed[key] else None
         try:
             entries = self.mem.frame(child // PAGE_SIZE)
         except UnbackedMemoryError:
             self._report(AnomalyKind.MISSING_FRAME, base, i, level, e, table)
+            self.followed[key] = False
             return None
-        shared = child in self.visited
-        if shared or in_shared:
-            if self.budget <= 0:
-                self._report(AnomalyKind.SHARED, base, i, level, e, table)
+        shared = child in self.sizes  # walked to the end before (so not on this path)
+        if shared:
+            cost = self.sizes[child]
+            self.followed[key] = cost <= self.budget
+            self._report(AnomalyKind.SHARED, base, i, level, e, table, self.followed[key])
+            if cost > self.budget:
                 return None
-            self.budget -= 1
-            if shared and not in_shared:
-                self._report(AnomalyKind.SHARED, base, i, level, e, table, descended=True)
-        self.visited.add(child)
+            self.budget -= cost
+        self.followed[key] = True
         return child, entries, shared or in_shared
 
     def _report(self, kind, base, i, level, e, table, descended=False) -> None:
         va = base + (i << level.shift)
         self.anomalies.append(TableAnomaly(kind, va, level, int(e[i]), table, descended))
-
-
-def _slice(seg: TableSegment, lo: int, hi: int) -> TableSegment:
-    return TableSegment(
-        seg.table, seg.depth, seg.level, seg.base, lo, hi, seg.leaf, seg.prot, seg.eff, seg.phys
-    )
 
 
 def iter_segments(
@@ -327,14 +341,27 @@ def iter_segments(
     return walk.segments(root)
 
 
+@dataclass
+class _Run:
+    """A range still growing: its key (prot, eff, depth) and where its pages are."""
+
+    start: int
+    prot: int
+    eff: int
+    depth: int
+    phys: int | None  # first page (None: a hole)
+    after: int | None  # physical address just after the last page
+    contiguous: bool
+
+
 class _Coalescer:
-    """Turns segments into maximal ranges; ``pending`` is the run still growing."""
+    """Turns segments into maximal ranges."""
 
     def __init__(self, mode: PagingMode, start: int, end: int, split_discontiguous: bool) -> None:
         self.mode, self.start, self.end = mode, start, end
         self.split = split_discontiguous
-        self.pending: list | None = None  # [start, prot, eff, depth, phys, phys_next, contiguous]
-        self.covered = start
+        self.run: _Run | None = None
+        self.covered = start  # end of the last segment added
 
     def add(self, seg: TableSegment) -> Iterator[MappingRange]:
         lo, hi, size = seg.lo, seg.hi, seg.level.page_size
@@ -346,39 +373,38 @@ class _Coalescer:
         starts = np.concatenate(([0], np.flatnonzero(change) + 1))
         ends = np.append(starts[1:], hi - lo)
         breaks = np.concatenate(([0], np.cumsum(~contig)))
-        within = (breaks[ends - 1] - breaks[starts] == 0).tolist()
         runs = zip(
             starts.tolist(),
             prot[starts].tolist(),
             eff[starts].tolist(),
             np.where(leaf[starts], phys[starts].astype(np.int64), -1).tolist(),  # -1: a hole
             (phys[ends - 1] + np.uint64(size)).tolist(),
-            within,
+            (breaks[ends - 1] == breaks[starts]).tolist(),  # contiguous within the run
             strict=True,
         )
         for s, p, f, first, after, contiguous in runs:
             va = max(seg.va(lo + s), self.start)
             first, after = (None, None) if first < 0 else (first, after)
-            run = self.pending
-            if run is not None and run[1:4] == [p, f, seg.depth]:
-                joins = first is None or first == run[5]
-                if joins or not self.split:
-                    run[5] = after
-                    run[6] = run[6] and joins and contiguous
+            run = self.run
+            if run is not None and (run.prot, run.eff, run.depth) == (p, f, seg.depth):
+                joins = first is None or first == run.after
+                if joins or not self.split:  # the same key continues in a new table
+                    run.after = after
+                    run.contiguous = run.contiguous and joins and contiguous
                     continue
             done = self.flush(va)
             if done is not None:
                 yield done
-            self.pending = [va, p, f, seg.depth, first, after, contiguous]
+            self.run = _Run(va, p, f, seg.depth, first, after, contiguous)
         self.covered = min(seg.va(hi), self.end)
 
     def flush(self, end: int) -> MappingRange | None:
-        run, self.pending = self.pending, None
-        if run is None or end <= run[0]:
+        run, self.run = self.run, None
+        if run is None or end <= run.start:
             return None
-        start, prot, eff, depth, phys, _, contiguous = run
-        flags = (prot & _ATTRS & ~_EFFECTIVE) | eff if prot & PteFlag.P and phys is not None else 0
-        return MappingRange(start, end, self.mode.levels[depth], flags, prot, phys, contiguous)
+        flags = (run.prot & _ATTRS & ~_EFFECTIVE) | run.eff if run.prot & PteFlag.P else 0
+        level = self.mode.levels[run.depth]
+        return MappingRange(run.start, end, level, flags, run.prot, run.phys, run.contiguous)
 
 
 def iter_mappings(
@@ -432,16 +458,17 @@ def dump_layout(
 
 # -- text and JSON ---------------------------------------------------------------------
 
-# ptdump's attribute columns (arch/x86/mm/dump_pagetables.c printk_prot), in order.
+# ptdump's attribute columns, (set, clear) text in order: U/S, R/W, PWT, PCD, PSE
+# (upper levels), PAT, G, XD (arch/x86/mm/dump_pagetables.c, printk_prot).
 _COLUMNS = (
-    (PteFlag.US, "USR ", "    "),
-    (PteFlag.RW, "RW ", "ro "),
-    (PteFlag.PWT, "PWT ", "    "),
-    (PteFlag.PCD, "PCD ", "    "),
-    ("PSE", "PSE ", "    "),
-    ("PAT", "PAT ", "    "),
-    (PteFlag.G, "GLB ", "    "),
-    (PteFlag.XD, "NX ", "x  "),
+    ("USR ", "    "),
+    ("RW ", "ro "),
+    ("PWT ", "    "),
+    ("PCD ", "    "),
+    ("PSE ", "    "),
+    ("PAT ", "    "),
+    ("GLB ", "    "),
+    ("NX ", "x  "),
 )
 _NOT_PRESENT = " " * 30
 _UNITS = "BKMGTPE"
@@ -456,17 +483,18 @@ def default_markers(mode: PagingMode | None = None) -> dict[int, str]:
 def _prot_text(prot: int, level: Level) -> str:
     if not prot & PteFlag.P:
         return _NOT_PRESENT
-    pte = not level.large_pages and level.shift == 12
-    out = []
-    for flag, on, off in _COLUMNS:
-        if flag == "PSE":
-            is_set = not pte and prot & PteFlag.PS  # bit 7 is PAT in a PTE
-        elif flag == "PAT":
-            is_set = prot & PAT_4K if pte else level.large_pages and prot & PAT_LARGE
-        else:
-            is_set = prot & flag
-        out.append(on if is_set else off)
-    return "".join(out)
+    pte = level.page_size == PAGE_SIZE  # bit 7 is PAT there, and PAT moves to bit 12 above
+    shown = (
+        prot & PteFlag.US,
+        prot & PteFlag.RW,
+        prot & PteFlag.PWT,
+        prot & PteFlag.PCD,
+        not pte and prot & PteFlag.PS,
+        prot & PAT_4K if pte else level.large_pages and prot & PAT_LARGE,
+        prot & PteFlag.G,
+        prot & PteFlag.XD,
+    )
+    return "".join(on if bit else off for bit, (on, off) in zip(shown, _COLUMNS, strict=True))
 
 
 def _line(start: int, end: int, prot: int, level: Level) -> str:
@@ -501,7 +529,8 @@ def format_ptdump(
 
     A line ends where the attributes or the level change, or at the first entry
     boundary at or after a marker, after which ``---[ name ]---`` is printed. An
-    unmapped line continues across the non-canonical hole, as Linux's does.
+    unmapped line continues across the non-canonical hole, as Linux's does; a
+    mapped one ends at the hole (Linux would stretch it to the next entry it notes).
 
     :param markers: address -> section name; default :func:`default_markers` (``mode``).
     :param effective: print the effective R/W, U/S and XD instead of the leaf's own
@@ -513,9 +542,11 @@ def format_ptdump(
     mark = -1  # index of the last marker printed
     prev_end = None
     for r in ranges:
-        if run is not None and r.start != prev_end and not _is_hole_gap(prev_end, r.start):
-            out.append(_line(run[0], prev_end, run[2], run[3]))  # input skips VAs: end here
-            run = None
+        if run is not None and r.start != prev_end:
+            mapped = run[1][1] & PteFlag.P
+            if mapped or not _is_hole_gap(prev_end, r.start):  # end the line where input does
+                out.append(_line(run[0], prev_end, run[2], run[3]))
+                run = None
         key = (r.entry_flags, r.flags, r.level)
         prot = r.flags if effective else r.entry_flags
         notes = [r.start]  # Linux notes every entry; only these can end a line here
@@ -525,10 +556,11 @@ def format_ptdump(
                 notes.append(boundary)
         for address in sorted(set(notes)):
             crossing = mark + 1 < len(marks) and address >= marks[mark + 1][0]
-            if run is None:
-                if mark < 0:
-                    mark = max(0, sum(1 for a, _ in marks if a <= address) - 1)
+            if run is None and mark < 0:  # the first line: only the section it is in
+                mark = sum(1 for a, _ in marks if a <= address) - 1
+                if mark >= 0:
                     out.append(f"---[ {marks[mark][1]} ]---")
+            elif run is None:  # the first line after a gap in the input
                 while mark + 1 < len(marks) and address >= marks[mark + 1][0]:
                     mark += 1
                     out.append(f"---[ {marks[mark][1]} ]---")

@@ -2,7 +2,9 @@
 
 A paging mode is data: the list of levels, each with its name, the address bits
 it indexes and whether it may map a page (PS=1). The walker, builder and dumper
-all read these tables instead of hard-coding bit positions.
+all read these tables instead of hard-coding bit positions. The other layouts a
+walk needs live here too: CR3's flags and PCID, a PKRU/PKRS key field, and the
+page-fault error code (SDM vol. 3A 4.5.2, 4.6.2, 4.7).
 """
 
 from __future__ import annotations
@@ -12,13 +14,20 @@ from enum import IntFlag
 
 __all__ = [
     "ADDRESS_MASK",
+    "CR3_PCID_MASK",
+    "ENTRY_SIZE",
     "FIVE_LEVEL",
     "FOUR_LEVEL",
+    "INDEX_MASK",
     "PAT_LARGE",
+    "PKEY_FIELD_BITS",
     "PKEY_MASK",
     "PKEY_SHIFT",
+    "Cr3",
     "Level",
     "PagingMode",
+    "PfErrorCode",
+    "PkeyRights",
     "PteFlag",
     "describe_entry",
     "entry_address",
@@ -150,3 +159,43 @@ def describe_entry(entry: int, leaf: bool = True, large: bool = False) -> str:
     if entry & PKEY_MASK:
         names.append(f"PKEY={entry_pkey(entry)}")
     return "|".join(names) if names else "-"
+
+
+# Each paging-structure entry is 8 bytes; a table has 512 of them (SDM vol. 3A 4.5).
+ENTRY_SIZE = 8
+INDEX_MASK = 0x1FF
+
+
+class Cr3(IntFlag):
+    """CR3 flags without CR4.PCIDE (SDM vol. 3A 4.5.2, Table 4-12)."""
+
+    PWT = 1 << 3
+    PCD = 1 << 4
+
+
+# With CR4.PCIDE bits 11:0 of CR3 are the PCID (SDM vol. 3A Table 4-13).
+CR3_PCID_MASK = 0xFFF
+
+
+class PkeyRights(IntFlag):
+    """One key's 2-bit field in PKRU/IA32_PKRS, at bit 2*key (SDM vol. 3A 4.6.2)."""
+
+    AD = 1 << 0  # access disable: no data reads or writes
+    WD = 1 << 1  # write disable
+
+
+PKEY_FIELD_BITS = 2
+
+
+class PfErrorCode(IntFlag):
+    """Page-fault error code (SDM vol. 3A 4.7, Figure 4-12); names drop the SDM's slash."""
+
+    P = 1 << 0  # 0: not present; 1: protection or reserved-bit violation
+    WR = 1 << 1  # W/R: the access was a write
+    US = 1 << 2  # U/S: the access was a user-mode access
+    RSVD = 1 << 3  # a reserved bit was set in a paging-structure entry
+    ID = 1 << 4  # I/D: instruction fetch (only with EFER.NXE or CR4.SMEP)
+    PK = 1 << 5  # protection-key violation
+    SS = 1 << 6  # shadow-stack access (never produced here)
+    HLAT = 1 << 7  # HLAT paging (never produced here)
+    SGX = 1 << 15  # SGX access-control violation (never produced here)

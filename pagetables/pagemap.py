@@ -94,9 +94,6 @@ class PagemapEntry:
             swap_offset=low >> _SWAP_TYPE_BITS if swapped else None,
         )
 
-    def to_raw(self) -> int:
-        return self.raw
-
     def __str__(self) -> str:
         flags = "|".join(f.name for f in PagemapBit if self.raw & f) or "-"
         if self.present:

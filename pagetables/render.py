@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .walk import Access, PageFault, PfErrorCode, WalkResult, WalkStep, page_size_name
+from .entry import PfErrorCode
+from .walk import Access, PageFault, WalkResult, WalkStep, page_size_name
 
 __all__ = ["describe_error_code", "render_walk", "walk_to_json"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum, IntFlag
+from enum import Enum
 
 from kctx_debug.arch.bits import CR0, CR4, EFER, RFLAGS
 from kctx_debug.arch.vectors import Vector
@@ -27,9 +27,16 @@ from kctx_debug.physmem import MAX_PHYS_BITS, PhysicalMemory
 
 from .entry import (
     ADDRESS_MASK,
+    CR3_PCID_MASK,
+    ENTRY_SIZE,
+    INDEX_MASK,
     PAT_LARGE,
+    PKEY_FIELD_BITS,
+    Cr3,
     Level,
     PagingMode,
+    PfErrorCode,
+    PkeyRights,
     PteFlag,
     describe_entry,
     entry_pkey,
@@ -37,15 +44,11 @@ from .entry import (
 )
 
 __all__ = [
-    "ENTRY_SIZE",
     "Access",
     "AccessKind",
     "CpuPagingState",
-    "Cr3",
     "FaultKind",
     "PageFault",
-    "PfErrorCode",
-    "PkeyRights",
     "WalkResult",
     "WalkStatus",
     "WalkStep",
@@ -54,47 +57,6 @@ __all__ = [
 ]
 
 
-# -- architectural constants (defined once; cited) -------------------------------
-
-
-class Cr3(IntFlag):
-    """CR3 flags without CR4.PCIDE (SDM vol. 3A 4.5.2, Table 4-12)."""
-
-    PWT = 1 << 3
-    PCD = 1 << 4
-
-
-# With CR4.PCIDE bits 11:0 of CR3 are the PCID (SDM vol. 3A Table 4-13).
-CR3_PCID_MASK = 0xFFF
-
-
-class PkeyRights(IntFlag):
-    """One key's 2-bit field in PKRU/IA32_PKRS, at bit 2*key (SDM vol. 3A 4.6.2)."""
-
-    AD = 1 << 0  # access disable: no data reads or writes
-    WD = 1 << 1  # write disable
-
-
-PKEY_FIELD_BITS = 2
-
-
-class PfErrorCode(IntFlag):
-    """Page-fault error code (SDM vol. 3A 4.7, Figure 4-12); names drop the SDM's slash."""
-
-    P = 1 << 0  # 0: not present; 1: protection or reserved-bit violation
-    WR = 1 << 1  # W/R: the access was a write
-    US = 1 << 2  # U/S: the access was a user-mode access
-    RSVD = 1 << 3  # a reserved bit was set in a paging-structure entry
-    ID = 1 << 4  # I/D: instruction fetch (only with EFER.NXE or CR4.SMEP)
-    PK = 1 << 5  # protection-key violation
-    SS = 1 << 6  # shadow-stack access (never produced here)
-    HLAT = 1 << 7  # HLAT paging (never produced here)
-    SGX = 1 << 15  # SGX access-control violation (never produced here)
-
-
-# Each paging-structure entry is 8 bytes; a table has 512 of them (SDM vol. 3A 4.5).
-ENTRY_SIZE = 8
-INDEX_MASK = 0x1FF
 _U64 = (1 << 64) - 1
 # Plain ints for the per-level hot path (IntFlag arithmetic builds enum members).
 _P, _RW, _US, _PS, _XD = (
@@ -194,7 +156,8 @@ def _check_u64(name: str, value: object) -> int:
 
 def _flag(register: str, flag: int) -> property:
     """A bool property: is ``flag`` set in the named register field."""
-    return property(lambda self: bool(getattr(self, register) & flag), doc=f"{flag!r} is set")
+    mask = int(flag)  # plain int: IntFlag arithmetic is slow on the walk's hot path
+    return property(lambda self: bool(getattr(self, register) & mask), doc=f"{flag!r} is set")
 
 
 @dataclass(frozen=True)
@@ -237,12 +200,11 @@ class CpuPagingState:
     @property
     def paging(self) -> bool:
         """IA-32e paging: CR0.PG, CR4.PAE and EFER.LME (LMA follows from them)."""
-        return (
-            bool(self.cr0 & CR0.PG)
-            and bool(self.cr4 & CR4.PAE)
-            and bool(self.efer & (EFER.LME | EFER.LMA))
-        )
+        return self.pg and self.pae and self.long_mode
 
+    pg = _flag("cr0", CR0.PG)
+    pae = _flag("cr4", CR4.PAE)
+    long_mode = _flag("efer", EFER.LME | EFER.LMA)
     la57 = _flag("cr4", CR4.LA57)
     wp = _flag("cr0", CR0.WP)
     smep = _flag("cr4", CR4.SMEP)
@@ -264,8 +226,17 @@ class CpuPagingState:
 
     @property
     def root(self) -> int:
-        """Physical address of the top-level table (CR3 bits M-1:12; bit 63 etc. ignored)."""
-        return self.cr3 & self.phys_mask
+        """Physical address of the top-level table: :meth:`table_root` of ``cr3``."""
+        return self.table_root(self.cr3)
+
+    def table_root(self, cr3: int) -> int:
+        """The top-level table a CR3 value selects: bits M-1:12 (PCID, PWT/PCD, bit 63 dropped)."""
+        return _check_u64("cr3", cr3) & self.phys_mask
+
+    @property
+    def cr3_flags(self) -> Cr3:
+        """CR3.PWT/PCD; with CR4.PCIDE those bits are part of the PCID instead."""
+        return Cr3(0) if self.pcide else Cr3(self.cr3 & (Cr3.PWT | Cr3.PCD))
 
     @property
     def pcid(self) -> int | None:

@@ -314,7 +314,7 @@ LOAD_CASES = [
     Case("duplicate-key", raw(_CR3_TWICE), "cpu.cr3", "duplicate key"),
     Case(
         "duplicate-key-in-source",
-        chain(setp("source", {}), lambda d: _dup_source(d)),
+        chain(setp("source", {}), _dup_source),
         "source.tool",
         "duplicate key",
     ),

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from kctx_debug.errors import PageTableError
+from kctx_debug.pagetables.entry import Cr3, PfErrorCode
 from kctx_debug.pagetables.render import describe_error_code, render_walk, walk_to_json
 from kctx_debug.pagetables.walk import (
     Access,
     AccessKind,
     CpuPagingState,
     FaultKind,
-    PfErrorCode,
     WalkStatus,
     translate,
 )
@@ -227,6 +227,7 @@ def test_non_canonical_is_gp_zero(va, la57):
 def test_cr3_low_and_high_bits_ignored(kernel_mem, cr3, cr4_extra, pcid):
     cpu = make_cpu(cr3=cr3, cr4_extra=cr4_extra)
     assert cpu.root == PML4 and cpu.pcid == pcid
+    assert cpu.cr3_flags == (Cr3.PWT | Cr3.PCD if cr3 & (PWT | PCD) and pcid is None else 0)
     r = translate(kernel_mem, KTEXT, cpu)
     assert r.phys == 0x0100_0000 and r.steps[0].table_phys == PML4
 

@@ -28,6 +28,7 @@ from ..errors import KctxError, SymbolError
 from ..symbols import Symbol, SymbolTable
 
 __all__ = [
+    "MAX_OBJECT_SIZE",
     "RELOC_KINDS",
     "R_X86_64_NONE",
     "AppliedRelocation",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 _U64 = (1 << 64) - 1
+#: Largest object laid out: Linux's x86-64 module area is 1520 MiB, so 1 GiB is generous.
+MAX_OBJECT_SIZE = 1 << 30
 R_X86_64_NONE = ENUM_RELOC_TYPE_x64["R_X86_64_NONE"]
 # Compiler-made labels (string literals, constants) that nm and kallsyms leave out.
 _ASSEMBLER_LOCAL = ".L"
@@ -277,6 +280,11 @@ class _Relocator:
         elf = self.elf
         symtab = next((s for s in elf.iter_sections() if isinstance(s, SymbolTableSection)), None)
         layout = _layout(elf, symtab, self.base)
+        if layout.size > MAX_OBJECT_SIZE:
+            raise ElfLoadError(
+                f"{self.where}: allocated sections need {layout.size:#x} bytes, more than "
+                f"{MAX_OBJECT_SIZE:#x}"
+            )
         if not 0 <= self.base <= _U64 - layout.size:
             raise ElfLoadError(
                 f"{self.where}: {layout.size:#x} bytes at {self.base:#x} leave the address space"
@@ -288,6 +296,8 @@ class _Relocator:
             section = elf.get_section(index)
             if section["sh_type"] != "SHT_NOBITS":
                 data = section.data()
+                if len(data) != section["sh_size"]:
+                    raise ElfLoadError(f"{self.where}: section {section.name} is truncated")
                 self.image[offset : offset + len(data)] = data
             placed.append(
                 LoadedSection(

@@ -1,0 +1,1 @@
+"""Helpers for the slow QEMU tests: initramfs builder, QMP client, boot driver."""
