@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup system-deps demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/kctx-debug
 
+# Debian packages the slow tests use (QEMU, a Linux kernel, busybox, tmux).
+system-deps:
+	bash scripts/system-deps.sh
+
 # The whole suite, slow tests included (this is what CI runs).
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

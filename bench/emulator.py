@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import x86_const as x86
+
 from kctx_debug.emulator.control import StopKind
 from kctx_debug.emulator.machine import DEFAULT_CPU_MODEL, Machine
 from kctx_debug.pagetables.build import PageTableBuilder
@@ -32,8 +35,6 @@ from kctx_debug.pagetables.context import KernelContext
 from kctx_debug.pagetables.entry import PteFlag, paging_mode
 from kctx_debug.physmem import PAGE_SIZE, PhysicalMemory
 from kctx_debug.snapshot import CpuState, Segment, Snapshot
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
-from unicorn import x86_const as x86
 
 KTEXT, KDATA = 0xFFFF_FFFF_8100_0000, 0xFFFF_FFFF_8100_1000
 KTEXT_PA, KDATA_PA, TABLES = 0x20_0000, 0x20_1000, 0x10_0000

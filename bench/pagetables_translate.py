@@ -16,6 +16,7 @@ import argparse
 import time
 
 import numpy as np
+
 from kctx_debug.pagetables.batch import translate_many
 from kctx_debug.pagetables.walk import CpuPagingState, translate
 from kctx_debug.physmem import PhysicalMemory

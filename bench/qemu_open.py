@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from qemu.elfcore import CpuNote, Load, write_core
+
 from kctx_debug.pagetables.context import KernelContext
 from kctx_debug.qemu_dump import read_qemu_dump
-from qemu.elfcore import CpuNote, Load, write_core
 
 VA = 0xFFFFFFFF81000000  # PML4 511, PDPT 510, PD 8 (a 2 MiB page)
 PA = 0x1000000

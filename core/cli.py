@@ -1,8 +1,8 @@
 """The ``kctx-debug`` command line: the one place that sees every layer.
 
-Every :class:`~kctx_debug.errors.KctxError` becomes one line on stderr and a
-non-zero exit; layers are imported only when a verb needs them, so offline
-verbs never load Unicorn.
+Every :class:`~kctx_debug.errors.KctxError` (usage errors included) becomes one
+line on stderr and a non-zero exit; layers are imported only when a verb needs
+them, so offline verbs never load Unicorn.
 """
 
 from __future__ import annotations
@@ -13,18 +13,27 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
-from .errors import KctxError
+from .errors import CommandError, KctxError
 
-__all__ = ["main", "demo_snapshot_path"]
+__all__ = ["demo_snapshot_path", "main"]
 
 PROG = "kctx-debug"
+VERBS = ("ptdump", "translate", "import", "capture")
 
 
 def demo_snapshot_path() -> Path:
     """The bundled demo snapshot, shipped inside the package."""
-    return Path(str(resources.files("kctx_debug") / "demo" / "demo.json"))
+    return Path(str(resources.files("kctx_debug.demo") / "demo.json"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(f"{message} (try '{self.prog} --help')")
 
 
 def _parse_int(text: str) -> int:
@@ -48,8 +57,11 @@ def _add_snapshot_args(p: argparse.ArgumentParser, optional: bool = False) -> No
     p.add_argument(
         "snapshot",
         nargs="?" if optional else None,
-        help="snapshot document (kctx JSON)" + ("; default: the bundled demo" if optional else ""),
+        help="kctx JSON snapshot or QEMU dump-guest-memory ELF core"
+        + ("; default: the bundled demo" if optional else ""),
     )
+    p.add_argument("--cpu", type=int, default=0, help="vCPU of a QEMU dump (default 0)")
+    p.add_argument("--symbols", help="System.map, kallsyms or vmlinux for a QEMU dump")
     p.add_argument(
         "--allow-outside-paths",
         action="store_true",
@@ -63,7 +75,9 @@ def _open(args: argparse.Namespace):
     path = args.snapshot or demo_snapshot_path()
     if not args.snapshot:
         print(f"(no snapshot given: opening the bundled demo {path})", file=sys.stderr)
-    return open_context(path, allow_outside=args.allow_outside_paths)
+    return open_context(
+        path, allow_outside=args.allow_outside_paths, cpu=args.cpu, symbols=args.symbols
+    )
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
@@ -78,17 +92,22 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_ptdump(args: argparse.Namespace) -> int:
-    from .pagetables.dump import format_ptdump, iter_mappings, mappings_to_json
+    from .pagetables.dump import dump_layout, format_ptdump, mappings_to_json
 
     ctx = _open(args)
     try:
-        cr3 = args.cr3 if args.cr3 is not None else ctx.cpu.cr3
-        root = ctx.paging.table_root(cr3)
-        ranges = list(iter_mappings(ctx.mem, root, ctx.mode, va_range=args.range))
+        root = ctx.paging.table_root(args.cr3 if args.cr3 is not None else ctx.cpu.cr3)
+        layout = dump_layout(ctx.mem, root, ctx.mode, ctx.paging.maxphyaddr, args.range)
         if args.json:
-            print(json.dumps(mappings_to_json(ranges), indent=1))
+            doc = {
+                "ranges": mappings_to_json(layout.ranges),
+                "anomalies": [a.to_json() for a in layout.anomalies],
+            }
+            print(json.dumps(doc, indent=1))
         else:
-            sys.stdout.write(format_ptdump(ranges, mode=ctx.mode))
+            sys.stdout.write(format_ptdump(layout.ranges, mode=ctx.mode))
+            for anomaly in layout.anomalies:
+                print(f"kctx-debug: note: {anomaly}", file=sys.stderr)
     finally:
         ctx.close()
     return 0
@@ -106,34 +125,52 @@ def _cmd_translate(args: argparse.Namespace) -> int:
             print(json.dumps(walk_to_json(result), indent=1))
         else:
             print(render_walk(result))
-        return 0 if result.fault is None and result.phys is not None else 2
+        return 0 if result.ok and result.fault is None else 2
     finally:
         ctx.close()
 
 
-def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    verbs: dict[str, argparse.ArgumentParser] = {}
-    main = argparse.ArgumentParser(
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .qemu_dump import import_qemu_dump
+
+    snap = import_qemu_dump(args.dump, args.output, cpu=args.cpu, symbols=args.symbols)
+    src = snap.source
+    print(f"wrote {args.output}: vCPU {args.cpu}, {len(snap.memory)} memory ranges in place")
+    if src.get("inferred"):
+        print(f"inferred (not in the dump): {', '.join(src['inferred'])}")
+    if "kaslr" in src:
+        print(f"kaslr: {src['kaslr']}")
+    if src.get("needs_allow_outside_paths"):
+        print("note: the dump lies outside the document's folder: open with --allow-outside-paths")
+    return 0
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    main = _Parser(
         prog=PROG,
         description="x86-64 kernel-context emulator and debugger.",
-        epilog="verbs: ptdump, translate (run '%(prog)s VERB --help')",
+        epilog="verbs: " + ", ".join(VERBS) + " (run '%(prog)s VERB --help')",
     )
     _add_snapshot_args(main, optional=True)
     main.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    main.add_argument("--batch", action="store_true", help="run commands without a prompt")
+    main.add_argument("-ex", dest="commands", action="append", default=[], metavar="CMD",
+                      help="run CMD (repeatable)")  # fmt: skip
+    main.add_argument("-x", dest="scripts", action="append", default=[], metavar="FILE",
+                      help="run the commands in FILE")  # fmt: skip
     main.set_defaults(func=_cmd_summary)
 
-    p = argparse.ArgumentParser(
-        prog=f"{PROG} ptdump",
-        description="Dump the page-table layout in Linux ptdump format.",
+    verbs: dict[str, argparse.ArgumentParser] = {}
+    p = verbs["ptdump"] = _Parser(
+        prog=f"{PROG} ptdump", description="Dump the page-table layout in Linux ptdump format."
     )
     _add_snapshot_args(p)
     p.add_argument("--cr3", type=_parse_int, help="walk from this CR3 instead of the CPU's")
     p.add_argument("--range", type=_parse_range, metavar="START-END", help="only this VA range")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=_cmd_ptdump)
-    verbs["ptdump"] = p
 
-    p = argparse.ArgumentParser(
+    p = verbs["translate"] = _Parser(
         prog=f"{PROG} translate",
         description="Walk the page tables for one virtual address, every level shown.",
     )
@@ -142,17 +179,34 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     p.add_argument("--access", help="check an access, e.g. 'write,user' or 'fetch'")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=_cmd_translate)
-    verbs["translate"] = p
+
+    p = verbs["import"] = _Parser(
+        prog=f"{PROG} import",
+        description="Convert a QEMU dump-guest-memory ELF core into a snapshot document "
+        "whose memory references the ELF in place.",
+    )
+    p.add_argument("dump", help="QEMU ELF core")
+    p.add_argument("-o", "--output", required=True, help="snapshot document to write")
+    p.add_argument("--cpu", type=int, default=0, help="vCPU to take (default 0)")
+    p.add_argument("--symbols", help="System.map, kallsyms or vmlinux")
+    p.set_defaults(func=_cmd_import)
+
+    from .capture.capture import add_capture_arguments
+
+    p = verbs["capture"] = _Parser(
+        prog=f"{PROG} capture",
+        description="Capture a running process into a kernel-context snapshot (ptrace).",
+    )
+    add_capture_arguments(p)
     return main, verbs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    main_parser, verbs = _build_parser()
-    parser = verbs.get(argv[0], main_parser) if argv else main_parser
-    rest = argv[1:] if parser is not main_parser else argv
     try:
-        args = parser.parse_args(rest)
+        main_parser, verbs = _build_parsers()
+        parser = verbs.get(argv[0], main_parser) if argv else main_parser
+        args = parser.parse_args(argv[1:] if parser is not main_parser else argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except KctxError as e:

@@ -331,6 +331,8 @@ class QemuDump:
 
 def is_qemu_dump(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` starts like a 64-bit little-endian ELF core (False if unreadable)."""
+    if not os.path.isfile(path):
+        return False  # never open a FIFO or device just to sniff it
     try:
         with open(path, "rb") as f:
             head = f.read(18)

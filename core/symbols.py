@@ -52,6 +52,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import Section
+
 from kctx_debug.errors import SymbolError
 
 __all__ = ["DEFAULT_MAX_DISTANCE", "Symbol", "SymbolHit", "SymbolTable", "load_symbols"]

@@ -27,15 +27,15 @@ from .physmem import PAGE_SIZE, PhysicalMemory
 from .snapshot import CpuState
 
 __all__ = [
-    "Translate",
     "GdtEntry",
     "IdtEntry",
-    "read_linear",
+    "Translate",
     "decode_gdt",
     "decode_idt",
     "decode_tss",
-    "materialize_descriptors",
     "encode_gdt_entry",
+    "materialize_descriptors",
+    "read_linear",
 ]
 
 Translate = Callable[[int], int]
@@ -84,7 +84,9 @@ def _read_table(
     try:
         return read_linear(mem, translate, base, limit + 1)
     except KctxError as e:
-        raise SnapshotError(what, f"table at {base:#x} (limit {limit:#x}) is unreadable: {e}") from None
+        raise SnapshotError(
+            what, f"table at {base:#x} (limit {limit:#x}) is unreadable: {e}"
+        ) from None
 
 
 def decode_gdt(mem: PhysicalMemory, cpu: CpuState, translate: Translate) -> list[GdtEntry]:
@@ -147,7 +149,9 @@ def encode_gdt_entry(spec: GdtEntrySpec) -> bytes:
     if spec.kind == "null":
         return bytes(DESCRIPTOR_SIZE)
     if spec.kind in ("tss", "ldt"):
-        kind = SystemDescriptorType.TSS_AVAILABLE if spec.kind == "tss" else SystemDescriptorType.LDT
+        kind = (
+            SystemDescriptorType.TSS_AVAILABLE if spec.kind == "tss" else SystemDescriptorType.LDT
+        )
         desc = SystemDescriptor(base=spec.base, limit=spec.limit, type=kind, dpl=spec.dpl, p=True)
         return desc.to_bytes()
     code = spec.kind.startswith("code")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
+
 from kctx_debug.errors import PageTableError, UnbackedMemoryError
 from kctx_debug.physmem import PAGE_SIZE, PhysicalMemory
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import KctxError
+from ..errors import CommandError, KctxError
 from ..physmem import PhysicalMemory
+from ..qemu_dump import is_qemu_dump, read_qemu_dump
 from ..snapshot import Snapshot
 from ..snapshot_io import load_snapshot
 from ..symbols import Symbol, SymbolTable, load_symbols
@@ -121,6 +122,16 @@ class KernelContext:
         self.mem.close()
 
 
-def open_context(path: str | os.PathLike[str], *, allow_outside: bool = False) -> KernelContext:
-    """Load a snapshot document and build its kernel context."""
+def open_context(
+    path: str | os.PathLike[str],
+    *,
+    allow_outside: bool = False,
+    cpu: int = 0,
+    symbols: str | os.PathLike[str] | None = None,
+) -> KernelContext:
+    """Load a snapshot document or a QEMU ELF core (``cpu`` picks its vCPU) as a context."""
+    if is_qemu_dump(path):
+        return KernelContext.from_snapshot(read_qemu_dump(path, cpu=cpu, symbols=symbols))
+    if cpu or symbols is not None:
+        raise CommandError("--cpu and --symbols apply to QEMU ELF cores only")
     return KernelContext.from_snapshot(load_snapshot(Path(path), allow_outside=allow_outside))

@@ -111,6 +111,16 @@ class TableAnomaly:
             f"at va {self.va:#x} {what}"
         )
 
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind.value,
+            "va": self.va,
+            "level": self.level.name,
+            "entry": self.entry,
+            "table": self.table,
+            "descended": self.descended,
+        }
+
 
 @dataclass(frozen=True)
 class MappingRange:

@@ -16,9 +16,9 @@ from ..tables import decode_gdt, decode_idt, decode_tss
 
 __all__ = [
     "describe_context",
-    "describe_registers",
     "describe_gdt",
     "describe_idt",
+    "describe_registers",
     "describe_tss_block",
 ]
 
@@ -101,7 +101,11 @@ def describe_context(ctx: KernelContext) -> str:
     src = ctx.snapshot.source
     title = src.get("description") or src.get("tool") or "snapshot"
     parts = [f"== {title}", describe_registers(ctx)]
-    for heading, render in (("GDT", describe_gdt), ("IDT", describe_idt), ("TSS", describe_tss_block)):
+    for heading, render in (
+        ("GDT", describe_gdt),
+        ("IDT", describe_idt),
+        ("TSS", describe_tss_block),
+    ):
         try:
             body = render(ctx)
         except KctxError as e:

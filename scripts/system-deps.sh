@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages the slow QEMU tests need (tests/test_qemu_real.py):
 # QEMU for x86-64, a Debian 6.1 cloud kernel to boot, busybox-static for the
-# initramfs and cpio. Idempotent: when everything is present it only runs dpkg-query.
+# initramfs and cpio; tmux for the REPL's real-terminal test (tests/test_repl_tmux.py).
+# Idempotent: when everything is present it only runs dpkg-query.
 # apt keeps downloaded .deb files in /var/cache/apt/archives, so a reinstall on the
 # same machine does not download them again.
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio)
+PACKAGES=(qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio tmux)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from kctx_debug.arch.address import canonicalize, is_canonical, noncanonical_hole, va_bits_for
 from kctx_debug.arch.bits import (
     CR0,

@@ -16,6 +16,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kctx_debug.arch.descriptors import (
     CodeSegmentType,
     DataSegmentType,

@@ -8,6 +8,7 @@ base registers), and every partial register against Unicorn's own eax/ah/r9b.
 from __future__ import annotations
 
 import pytest
+
 from kctx_debug.arch.bits import EFER, decode_flags
 from kctx_debug.arch.registers import (
     ALL_REGISTERS,

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from kctx_debug.arch.vectors import (
     EXCEPTIONS,
     ExceptionClass,

@@ -17,6 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
+
 from kctx_debug.arch.descriptors import SystemDescriptorType
 from kctx_debug.capture import (
     CaptureError,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kctx_debug.capture import (
     ProcessExitedError,
     PtracePermissionError,

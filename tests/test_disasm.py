@@ -8,6 +8,7 @@ with ModRM 05 is RIP + disp32 relative to the next instruction.
 from __future__ import annotations
 
 import pytest
+
 from kctx_debug.emulator.disasm import (
     DisassemblyError,
     Instruction,

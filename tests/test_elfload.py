@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kctx_debug.emulator.disasm import disassemble
 from kctx_debug.emulator.elfload import (
     ElfLoadError,

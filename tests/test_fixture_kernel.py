@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
+
 from kctx_debug.emulator.control import StopKind
 from kctx_debug.emulator.machine import Machine
 from kctx_debug.pagetables.build import PageTableBuilder

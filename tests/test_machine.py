@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+
 from kctx_debug.emulator.control import StopKind
 from kctx_debug.emulator.engine import EmulatorError
 from kctx_debug.emulator.machine import Machine

@@ -13,10 +13,6 @@ import threading
 import time
 
 import pytest
-from kctx_debug.emulator import engine
-from kctx_debug.emulator.control import StopKind
-from kctx_debug.emulator.engine import EmulatorError, EngineLayout
-from kctx_debug.emulator.machine import Machine
 from test_machine import (
     KDATA,
     KDATA_PA,
@@ -31,6 +27,11 @@ from test_machine import (
     make_context,
     store_abs,
 )
+
+from kctx_debug.emulator import engine
+from kctx_debug.emulator.control import StopKind
+from kctx_debug.emulator.engine import EmulatorError, EngineLayout
+from kctx_debug.emulator.machine import Machine
 
 # mov ecx, N; loop: add rax, rcx; xor rbx, rax; dec rcx; jnz loop; int3
 # = 1 + 4 * N + 1 instructions (int3 is a trap: it retires).

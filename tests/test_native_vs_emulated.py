@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+
 from kctx_debug.emulator.call import (
     ARGUMENT_REGISTERS,
     STACK_ALIGNMENT,

@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+
 from kctx_debug.errors import KctxError, PageTableError
 from kctx_debug.pagetables.build import PageTableBuilder
 from kctx_debug.pagetables.dump import iter_mappings

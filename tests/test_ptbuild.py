@@ -8,6 +8,7 @@ leaf, protection key 62:59, XD 63.
 from __future__ import annotations
 
 import pytest
+
 from kctx_debug.buildspec import MappingSpec, PageTableSpec
 from kctx_debug.errors import PageTableError
 from kctx_debug.pagetables.build import PageTableBuilder, build_page_tables
@@ -171,9 +172,7 @@ def test_errors_name_the_mapping(mappings, message):
 def test_table_area_errors():
     with pytest.raises(PageTableError) as info:
         build_page_tables(_mem(), _spec(_m(0x400000, 0, 0x1000), size=0x3000))
-    assert str(info.value) == (
-        f"{M}[0]: table area 0x100000+0x3000 is exhausted (3 frames used)"
-    )
+    assert str(info.value) == (f"{M}[0]: table area 0x100000+0x3000 is exhausted (3 frames used)")
     # The area runs past the backed memory: the second frame is not backed.
     with pytest.raises(PageTableError) as info:
         build_page_tables(

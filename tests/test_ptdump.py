@@ -14,6 +14,7 @@ import random
 
 import numpy as np
 import pytest
+
 from kctx_debug.arch.bits import CR0, CR4, EFER
 from kctx_debug.errors import PageTableError
 from kctx_debug.pagetables.batch import translate_many
@@ -382,7 +383,6 @@ def test_mapped_line_stops_at_the_non_canonical_hole():
 @pytest.mark.parametrize("mode", [FOUR_LEVEL, FIVE_LEVEL], ids=["4-level", "5-level"])
 def test_dump_agrees_with_the_batch_walker_on_random_tables(mode):
     """Independent oracle: the other walker (batch.translate_many) on every range edge."""
-
 
     rng = random.Random(7)
     mem = PhysicalMemory()

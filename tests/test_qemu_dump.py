@@ -11,6 +11,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from qemu.elfcore import CpuNote, Load, write_core
+
 from kctx_debug.errors import SnapshotError, SymbolError
 from kctx_debug.pagetables.context import KernelContext
 from kctx_debug.qemu_dump import (
@@ -24,7 +26,6 @@ from kctx_debug.qemu_dump import (
 from kctx_debug.snapshot import MemoryRange, RangeKind, Segment, SymbolSource, TableRegister
 from kctx_debug.snapshot_io import load_snapshot
 from kctx_debug.symbols import SymbolTable
-from qemu.elfcore import CpuNote, Load, write_core
 
 # Paging-entry bits (SDM vol. 3A Table 4-19), spelled out for the fixture.
 P, RW, XD = 1, 2, 1 << 63

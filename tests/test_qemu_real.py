@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from qemu.boot import QEMU, QemuGuest, find_kernel
+from qemu.initramfs import BUSYBOX, build_initramfs, kallsyms_init_script
+
 from kctx_debug.arch.bits import CR4
 from kctx_debug.arch.descriptors import SystemDescriptor, SystemDescriptorType
 from kctx_debug.pagetables.context import KernelContext
@@ -28,8 +31,6 @@ from kctx_debug.snapshot import RangeKind
 from kctx_debug.snapshot_io import load_snapshot
 from kctx_debug.symbols import SymbolTable
 from kctx_debug.tables import decode_gdt, decode_idt, decode_tss
-from qemu.boot import QEMU, QemuGuest, find_kernel
-from qemu.initramfs import BUSYBOX, build_initramfs, kallsyms_init_script
 
 pytestmark = pytest.mark.slow
 

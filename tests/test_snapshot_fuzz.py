@@ -19,6 +19,7 @@ import jsonschema
 from conftest import FULL_SIDE_FILES, full_snapshot_doc, write_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kctx_debug.errors import KctxError
 from kctx_debug.pagetables.context import KernelContext
 from kctx_debug.schema import snapshot_schema

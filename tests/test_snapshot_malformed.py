@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import full_snapshot_doc, minimal_snapshot_doc, write_snapshot
+
 from kctx_debug import snapshot_io
 from kctx_debug.errors import KctxError, SnapshotError
 from kctx_debug.snapshot_io import load_snapshot

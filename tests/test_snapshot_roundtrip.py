@@ -19,6 +19,7 @@ import pytest
 from conftest import FULL_SIDE_FILES, full_snapshot_doc, minimal_snapshot_doc, write_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kctx_debug.errors import SnapshotError
 from kctx_debug.physmem import PhysicalMemory
 from kctx_debug.snapshot import RangeKind, Snapshot

@@ -19,11 +19,12 @@ import pytest
 from conftest import FULL_SIDE_FILES, full_snapshot_doc, minimal_snapshot_doc, write_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_snapshot_malformed import LOAD_CASES
+
 from kctx_debug.errors import SnapshotError
 from kctx_debug.jsonfields import parse_int
 from kctx_debug.schema import SNAPSHOT_SCHEMA_FILE, snapshot_schema
 from kctx_debug.snapshot_io import load_snapshot, parse_snapshot, snapshot_to_json
-from test_snapshot_malformed import LOAD_CASES
 
 DOC = Path(__file__).parent.parent / "docs" / "snapshot-format.md"
 VALIDATOR = jsonschema.Draft202012Validator(snapshot_schema())

@@ -18,8 +18,9 @@ from collections import Counter, defaultdict
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 
-import kctx_debug.symbols as symbols_module
 import pytest
+
+import kctx_debug.symbols as symbols_module
 from kctx_debug.errors import SymbolError
 from kctx_debug.symbols import (
     DEFAULT_MAX_DISTANCE,

@@ -24,9 +24,9 @@ EXPECTED_GDT = {
     6: bytes.fromhex("ffff000000fbaf00"),  # 64-bit code, DPL3
 }
 # Figure 7-4: 16-byte TSS descriptor, base 0xfffffe0000003000, limit 0x67, type 9, P.
-EXPECTED_TSS_DESC = bytes.fromhex("6700003000890000" "00feffff00000000")
+EXPECTED_TSS_DESC = bytes.fromhex("670000300089000000feffff00000000")
 # Figure 6-8: 64-bit interrupt gate, offset 0xffffffff81000000, selector 0x10, DPL3, P.
-EXPECTED_BP_GATE = bytes.fromhex("00001000" "00ee0081" "ffffffff" "00000000")
+EXPECTED_BP_GATE = bytes.fromhex("0000100000ee0081ffffffff00000000")
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_tss_found_through_gdt_when_tr_has_no_cached_base(demo):
 
 def test_unmapped_table_is_reported(demo):
     cpu = replace(demo.cpu, idtr=replace(demo.cpu.idtr, base=0xFFFF900000000000))
-    with pytest.raises(SnapshotError, match="cpu.idtr: table at 0xffff900000000000"):
+    with pytest.raises(SnapshotError, match=r"cpu\.idtr: table at 0xffff900000000000"):
         decode_idt(demo.mem, cpu, demo.virt_to_phys)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+
 from kctx_debug.errors import PageTableError
 from kctx_debug.pagetables.entry import Cr3, PfErrorCode
 from kctx_debug.pagetables.render import describe_error_code, render_walk, walk_to_json

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from kctx_debug.errors import PageTableError
 from kctx_debug.pagetables.batch import BatchStatus, translate_many
 from kctx_debug.pagetables.walk import CpuPagingState, FaultKind, WalkStatus, translate

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from kctx_debug.pagetables.walk import Access, AccessKind, CpuPagingState, WalkStatus, translate
-from kctx_debug.physmem import PhysicalMemory
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, Uc, UcError
 from unicorn.x86_const import (
     UC_CPU_X86_SKYLAKE_SERVER,
@@ -41,6 +39,9 @@ from unicorn.x86_const import (
     UC_X86_REG_RIP,
     UC_X86_REG_RSI,
 )
+
+from kctx_debug.pagetables.walk import Access, AccessKind, CpuPagingState, WalkStatus, translate
+from kctx_debug.physmem import PhysicalMemory
 
 P, RW, US, PS, XD = 0x1, 0x2, 0x4, 0x80, 1 << 63
 MEM_SIZE = 16 << 20
