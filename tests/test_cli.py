@@ -1,0 +1,110 @@
+"""The kctx-debug command line on the bundled demo: ptdump, translate, summary, errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kctx_debug.cli import demo_snapshot_path, main
+
+DEMO = str(demo_snapshot_path())
+
+# The demo's present mappings, as Linux's ptdump prints them (leaf flags; the
+# demo declares each of these in fixtures/make_demo.py).
+EXPECTED_PRESENT = [
+    "0x0000000000400000-0x0000000000401000           4K USR ro                     x  pte",
+    "0x00007ffffffff000-0x0000800000000000           4K USR RW                     NX pte",
+    "0xffff888000000000-0xffff888000200000           2M     RW         PSE     GLB NX pmd",
+    "0xffffc90000000000-0xffffc90000008000          32K     RW                 GLB NX pte",
+    "0xfffffe0000001000-0xfffffe0000004000          12K     RW                 GLB NX pte",
+    "0xffffffff81000000-0xffffffff81001000           4K     ro                 GLB x  pte",
+    "0xffffffff81200000-0xffffffff81201000           4K     RW                 GLB NX pte",
+]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ptdump_prints_coalesced_ranges(capsys):
+    code, out, _ = run(capsys, "ptdump", DEMO)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "---[ User Space ]---"
+    assert "---[ Kernel Space ]---" in lines
+    present = [
+        line for line in lines if line.endswith(("pte", "pmd")) and ("RW" in line or "ro" in line)
+    ]
+    assert present == EXPECTED_PRESENT
+    # Holes fill the gaps: consecutive lines (markers aside) tile the address space.
+    ranges = [line.split()[0].split("-") for line in lines if line.startswith("0x")]
+    for (_, end), (start, _) in itertools.pairwise(ranges):
+        assert end == start or (end, start) == ("0x0000800000000000", "0xffff800000000000")
+
+
+def test_ptdump_json_and_range_filter(capsys):
+    code, out, _ = run(
+        capsys, "ptdump", DEMO, "--json", "--range", "0xffffc90000000000-0xffffc90000010000"
+    )
+    assert code == 0
+    doc = json.loads(out)
+    present = [r for r in doc["ranges"] if r["present"]]
+    assert [(r["start"], r["end"], r["phys"]) for r in present] == [
+        (0xFFFFC90000000000, 0xFFFFC90000008000, 0x200000)
+    ]
+    assert doc["anomalies"] == []
+
+
+def test_translate_explains_a_fault(capsys):
+    code, out, _ = run(capsys, "translate", DEMO, "0x400000", "--access", "write,user")
+    assert code == 2
+    assert "PTE[0]     @ 0x0000000000103000 = 0x0000000000300005  P|US" in out
+    assert "#PF error code 0x7 (P|WR|US)" in out
+
+
+def test_translate_json(capsys):
+    code, out, _ = run(capsys, "translate", DEMO, "0xffffffff81000010", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["phys"] == 0x1000010
+    assert [s["level"] for s in doc["steps"]] == ["PML4E", "PDPTE", "PDE", "PTE"]
+
+
+def test_summary_shows_registers_and_tables(capsys):
+    code, out, _err = run(capsys, DEMO)
+    assert code == 0
+    assert "rip 0x0000000000400000 <user_start>" in out
+    assert "cr3  0x0000000000100000" in out
+    assert "gdtr base=0xfffffe0000001000 limit=0x7f" in out
+    assert (
+        "0x03 #BP         int-gate sel=0x0010 off=0xffffffff81000000 ist=0 dpl=3 P <bp_handler>"
+        in out
+    )
+    assert "rsp0  0xffffc90000004000" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ptdump"], "the following arguments are required: snapshot"),
+        (["translate", DEMO, "zz"], "argument va: expected an integer, got 'zz'"),
+        (["ptdump", DEMO, "--range", "0x2000-0x1000"], "is not above start"),
+        (["ptdump", "/nonexistent/snap.json"], "/nonexistent/snap.json: cannot read"),
+        (["translate", DEMO, "0x1000", "--access", "jump"], "jump"),
+        ([DEMO, "--cpu", "1"], "--cpu and --symbols apply to QEMU ELF cores only"),
+    ],
+)
+def test_errors_are_one_line(argv, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kctx_debug.cli", *argv], capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("kctx-debug: ") and message in line
