@@ -10,10 +10,12 @@ no PTI) and ``max`` (5-level paging, CR4.LA57).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,3 +248,23 @@ def _elf_read_phys(core: Path, phys: int, size: int) -> bytes:
                 f.seek(h.p_offset + phys - h.p_paddr)
                 return f.read(size)
     raise AssertionError(f"{phys:#x} is in no PT_LOAD")
+
+
+def test_cli_opens_the_dump(guest: GuestDump) -> None:
+    """`kctx-debug vmcore.elf` prints the dump's CR3, IDTR, GDTR and TR; `import` converts it."""
+    snap = read_qemu_dump(guest.core)
+    run = [sys.executable, "-m", "kctx_debug.cli"]
+    out = subprocess.run([*run, str(guest.core), "--symbols", str(guest.kallsyms_path)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert f"cr3  {snap.cpu.cr3:#018x}" in out
+    assert f"idtr base={snap.cpu.idtr.base:#x} limit={snap.cpu.idtr.limit:#x}" in out
+    assert f"gdtr base={snap.cpu.gdtr.base:#x} limit={snap.cpu.gdtr.limit:#x}" in out
+    assert f"tr   0x0040 (GDT[8] RPL0) base={snap.cpu.tr.base:#x}" in out
+    assert "<asm_exc_page_fault>" in out
+    doc = guest.core.with_name("cli.json")
+    subprocess.run([*run, "import", str(guest.core), "-o", str(doc)], check=True)
+    dump = subprocess.run([*run, "ptdump", str(doc), "--json"], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+    ranges = json.loads(dump)["ranges"]
+    text = guest.kallsyms.address("_text")
+    assert any(r["present"] and r["start"] <= text < r["end"] for r in ranges)
