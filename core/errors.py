@@ -14,6 +14,7 @@ __all__ = [
     "PageTableError",
     "SnapshotError",
     "SymbolError",
+    "TraceError",
     "UnbackedMemoryError",
 ]
 
@@ -64,3 +65,13 @@ class PageTableError(KctxError):
 
 class CommandError(KctxError):
     """A CLI or REPL command was used wrongly."""
+
+
+class TraceError(KctxError):
+    """A trap log (trace) file is malformed: ``path`` and 1-based ``line`` say where."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{path}:{line}: {reason}" if line else f"{path}: {reason}")

@@ -1,10 +1,10 @@
 """Sparse, page-granular physical memory built from a snapshot's ranges.
 
 Each range is backed by one host buffer: a private copy-on-write ``mmap`` of a
-side file (emulated writes never reach the file), an anonymous mapping for
-zero-filled ranges (the kernel hands out pages lazily), or a ``bytearray`` for
-small inline data. Nothing is copied at load time, and the same buffers can be
-handed to Unicorn with ``mem_map_ptr``.
+side file, shared by the ranges of that file (emulated writes never reach the
+file), an anonymous mapping for zero-filled ranges (the kernel hands out pages
+lazily), or a ``bytearray`` for small inline data. Nothing is copied at load
+time, and the same buffers can be handed to Unicorn with ``mem_map_ptr``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -29,6 +29,7 @@ __all__ = [
     "BackingKind",
     "HostRange",
     "PhysicalMemory",
+    "RangeKind",
     "Region",
 ]
 
@@ -38,10 +39,15 @@ MAX_PHYS_BITS = 52
 _PAGE_MASK = PAGE_SIZE - 1
 
 
-class BackingKind(Enum):
-    FILE = "file"
+class RangeKind(Enum):
+    """Where a range's bytes come from; also the snapshot format's ``memory[].kind``."""
+
     INLINE = "inline"
+    FILE = "file"
     ZERO = "zero"
+
+
+BackingKind = RangeKind  # the name a Region's ``kind`` was introduced under
 
 
 @dataclass(eq=False)
@@ -50,7 +56,7 @@ class Region:
 
     base: int
     size: int
-    kind: BackingKind
+    kind: RangeKind
     buffer: mmap.mmap | bytearray
     offset: int = 0  # where the range starts inside ``buffer``
     path: Path | None = None
@@ -84,45 +90,58 @@ class PhysicalMemory:
     def __init__(self) -> None:
         self._regions: list[Region] = []
         self._starts: list[int] = []
+        self._files: dict[Path, _FileMapping] = {}  # resolved path -> its whole-file mapping
 
     # -- building -------------------------------------------------------------
 
     def add_file(self, base: int, path: str | os.PathLike[str], offset: int, size: int) -> Region:
-        """Back ``[base, base+size)`` by ``path`` from ``offset``, mapped lazily."""
+        """Back ``[base, base+size)`` by ``path`` from ``offset``, mapped lazily.
+
+        A file is mapped once, whole, at its first use, and its regions point into
+        that mapping: a capture's thousands of frame runs cost one mapping, not one
+        each (Linux allows 65530 per process by default, vm.max_map_count). A range
+        whose bytes overlap another region's in the same file gets a mapping of its
+        own, so a write through one physical address never shows through the other.
+        """
         path = Path(path)
         self._check_range(base, size)
         try:
-            with open(path, "rb") as f:
-                length = os.fstat(f.fileno()).st_size
-                if offset < 0 or offset + size > length:
-                    raise SnapshotError(
-                        str(path),
-                        f"file is {length} bytes, shorter than the slice "
-                        f"{offset:#x}+{size:#x} it should hold",
-                    )
-                # mmap offsets must be multiples of the allocation granularity;
-                # QEMU's PT_LOAD offsets are not even page-aligned.
-                start = offset - offset % mmap.ALLOCATIONGRANULARITY
-                buf = mmap.mmap(
-                    f.fileno(), size + offset - start, access=mmap.ACCESS_COPY, offset=start
-                )
+            shared = self._file_mapping(path, offset, size)
+            _check_slice(path, len(shared.buffer), offset, size)
+            self._slot(base, size)  # before claiming the bytes, which cannot be undone
+            if shared.claim(offset, size):
+                buffer, start = shared.buffer, offset
+            else:
+                buffer, start = _map_slice(path, offset, size)
         except OSError as e:
             raise SnapshotError(str(path), f"cannot map side file: {e.strerror}") from None
-        region = Region(base, size, BackingKind.FILE, buf, offset - start, path, offset)
+        region = Region(base, size, RangeKind.FILE, buffer, start, path, offset)
         self._insert(region)
         return region
+
+    def _file_mapping(self, path: Path, offset: int, size: int) -> _FileMapping:
+        """The whole-file mapping of ``path``, made on first use (cached by resolved path)."""
+        key = path.resolve()
+        shared = self._files.get(key)
+        if shared is None:
+            with open(path, "rb") as f:
+                length = os.fstat(f.fileno()).st_size
+                _check_slice(path, length, offset, size)  # also refuses an empty file
+                buffer = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY)
+            shared = self._files[key] = _FileMapping(buffer)
+        return shared
 
     def add_bytes(self, base: int, data: bytes) -> Region:
         """Back ``[base, base+len(data))`` by a private copy of ``data``."""
         self._check_range(base, len(data))
-        region = Region(base, len(data), BackingKind.INLINE, bytearray(data))
+        region = Region(base, len(data), RangeKind.INLINE, bytearray(data))
         self._insert(region)
         return region
 
     def add_zero(self, base: int, size: int) -> Region:
         """Back ``[base, base+size)`` by zero-filled memory that costs nothing until written."""
         self._check_range(base, size)
-        region = Region(base, size, BackingKind.ZERO, mmap.mmap(-1, size))
+        region = Region(base, size, RangeKind.ZERO, mmap.mmap(-1, size))
         self._insert(region)
         return region
 
@@ -139,18 +158,23 @@ class PhysicalMemory:
                 f"range {base:#x}+{size:#x} exceeds {MAX_PHYS_BITS} bits",
             )
 
-    def _insert(self, region: Region) -> None:
-        i = bisect.bisect_right(self._starts, region.base)
+    def _slot(self, base: int, size: int) -> int:
+        """Where a region ``[base, base+size)`` goes in the sorted list; refuses overlaps."""
+        i = bisect.bisect_right(self._starts, base)
         before = self._regions[i - 1] if i else None
         after = self._regions[i] if i < len(self._regions) else None
         for other in (before, after):
-            if other is not None and other.base < region.end and region.base < other.end:
-                at = max(other.base, region.base)
+            if other is not None and other.base < base + size and base < other.end:
+                at = max(other.base, base)
                 raise MemoryAccessError(
                     at,
-                    f"range {region.base:#x}+{region.size:#x} overlaps "
+                    f"range {base:#x}+{size:#x} overlaps "
                     f"{other.base:#x}+{other.size:#x} at {at:#x}",
                 )
+        return i
+
+    def _insert(self, region: Region) -> None:
+        i = self._slot(region.base, region.size)
         self._regions.insert(i, region)
         self._starts.insert(i, region.base)
 
@@ -267,21 +291,69 @@ class PhysicalMemory:
         )
 
     def host_ranges(self) -> list[HostRange]:
-        """Each region as a host pointer for ``mem_map_ptr``, without copying."""
+        """Each region as a host pointer for ``mem_map_ptr``, without copying.
+
+        Regions sharing one file mapping share its ``keepalive`` (one export each).
+        """
         out = []
+        exported: dict[int, ctypes.Array] = {}  # id(buffer) -> its ctypes view
         for r in self._regions:
-            arr = (ctypes.c_char * len(r.buffer)).from_buffer(r.buffer)
+            arr = exported.get(id(r.buffer))
+            if arr is None:
+                arr = (ctypes.c_char * len(r.buffer)).from_buffer(r.buffer)
+                exported[id(r.buffer)] = arr
             out.append(HostRange(r.base, r.size, ctypes.addressof(arr) + r.offset, arr))
             r.dirty = True  # the emulator may now write behind our back
         return out
 
     def close(self) -> None:
         """Release the mappings; later accesses fail."""
-        for r in self._regions:
-            if isinstance(r.buffer, mmap.mmap):
+        buffers = {id(r.buffer): r.buffer for r in self._regions}
+        buffers.update((id(m.buffer), m.buffer) for m in self._files.values())
+        for buffer in buffers.values():
+            if isinstance(buffer, mmap.mmap):
                 try:
-                    r.buffer.close()
+                    buffer.close()
                 except BufferError:
                     pass  # still exported (numpy view, Unicorn); freed when those go
         self._regions.clear()
         self._starts.clear()
+        self._files.clear()
+
+
+@dataclass(eq=False)
+class _FileMapping:
+    """A side file mapped whole (private copy-on-write) and the byte spans regions claimed."""
+
+    buffer: mmap.mmap
+    starts: list[int] = field(default_factory=list)  # claimed spans, sorted, disjoint
+    ends: list[int] = field(default_factory=list)
+
+    def claim(self, offset: int, size: int) -> bool:
+        """Reserve ``[offset, offset+size)`` for a region; False if another one holds any of it."""
+        i = bisect.bisect_right(self.starts, offset)
+        if (i and self.ends[i - 1] > offset) or (
+            i < len(self.starts) and self.starts[i] < offset + size
+        ):
+            return False
+        self.starts.insert(i, offset)
+        self.ends.insert(i, offset + size)
+        return True
+
+
+def _check_slice(path: Path, length: int, offset: int, size: int) -> None:
+    if offset < 0 or offset + size > length:
+        raise SnapshotError(
+            str(path),
+            f"file is {length} bytes, shorter than the slice {offset:#x}+{size:#x} it should hold",
+        )
+
+
+def _map_slice(path: Path, offset: int, size: int) -> tuple[mmap.mmap, int]:
+    """A private mapping of just ``offset``..``offset+size`` and where the slice starts in it."""
+    # mmap offsets must be multiples of the allocation granularity; QEMU's PT_LOAD
+    # offsets are not even page-aligned.
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        buffer = mmap.mmap(f.fileno(), size + offset - start, access=mmap.ACCESS_COPY, offset=start)
+    return buffer, offset - start

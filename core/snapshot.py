@@ -12,12 +12,12 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
+from .arch.registers import RegisterGroup
 from .buildspec import BuildSpec
 from .errors import KctxError, SnapshotError
-from .physmem import PhysicalMemory
+from .physmem import PhysicalMemory, RangeKind
 
 __all__ = [
     "CONTROL_REGISTERS",
@@ -39,13 +39,10 @@ __all__ = [
 FORMAT_NAME = "kctx-snapshot"
 FORMAT_VERSION = 1
 
-GENERAL_REGISTERS = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-    "rip", "rflags",
-)  # fmt: skip
-SEGMENT_REGISTERS = ("cs", "ds", "es", "fs", "gs", "ss")
-CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8")
+# The format's register names are the architecture's groups (kctx_debug.arch.registers).
+GENERAL_REGISTERS = RegisterGroup.GENERAL.names
+SEGMENT_REGISTERS = RegisterGroup.SEGMENT.names
+CONTROL_REGISTERS = RegisterGroup.CONTROL.names
 # MSRs by the names the format uses; PKRU is not an MSR but travels with them.
 KNOWN_MSRS = (
     "efer", "fs_base", "gs_base", "kernel_gs_base", "star", "lstar", "cstar", "sfmask",
@@ -111,12 +108,6 @@ class CpuState:
         return cs.selector & 3 if cs else 0
 
 
-class RangeKind(Enum):
-    INLINE = "inline"
-    FILE = "file"
-    ZERO = "zero"
-
-
 @dataclass(frozen=True)
 class MemoryRange:
     """One physical range and where its bytes come from."""
@@ -124,7 +115,7 @@ class MemoryRange:
     base: int
     size: int
     kind: RangeKind
-    data: bytes = b""  # INLINE
+    data: bytes = field(default=b"", repr=False)  # INLINE; kept out of repr (may be megabytes)
     encoding: str = "hex"  # INLINE: "hex" or "base64"
     path: str = ""  # FILE: relative to the snapshot's folder
     offset: int = 0  # FILE: byte offset in the side file

@@ -579,9 +579,10 @@ def save_snapshot(
 
     Without ``mem`` the memory ranges are written as they are, side-file paths
     rewritten relative to the new folder. With ``mem`` (the current contents,
-    e.g. after emulation) every non-inline range is written to one sparse side
-    file ``<name>.phys`` next to the document, and the ``build`` section is
-    dropped because its result is now part of memory.
+    e.g. after emulation) every region of ``mem``, inline ones included, is
+    written to one sparse side file ``<name>.phys`` next to the document and
+    becomes a ``FILE`` range, and the ``build`` section is dropped because its
+    result is now part of memory.
     """
     path = Path(path).absolute()
     try:
@@ -611,7 +612,12 @@ def _relocate(r: MemoryRange, snap: Snapshot, folder: Path, where: str) -> Memor
 
 
 def _write_side_file(mem: PhysicalMemory, side: Path) -> tuple[MemoryRange, ...]:
-    """Dump memory into a sparse file (zero pages become holes) atomically."""
+    """Write every region of ``mem`` (inline, zero and file-backed alike) into ``side``.
+
+    Regions go back to back in address order; all-zero 1 MiB chunks are left as
+    holes, so the file is sparse. The file appears atomically (temporary file and
+    rename). Returns one ``FILE`` range per region, pointing into ``side``.
+    """
     ranges = []
     fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", dir=side.parent)
     chunk = 1 << 20

@@ -46,6 +46,7 @@ from ..arch.vectors import Vector, exception_name
 from ..errors import KctxError
 from ..pagetables.entry import PagingMode
 from ..pagetables.walk import Access, AccessKind, PfErrorCode, WalkResult
+from .disasm import MAX_INSTRUCTION_LENGTH, read_instruction_bytes
 from .engine import (
     EmulatorError,
     EngineLayout,
@@ -71,8 +72,6 @@ MAX_CHUNK = 1 << 24
 CHUNK_SECONDS = (0.004, 0.02)
 # Opcode bytes that identify the instruction before a trap's RIP (SDM vol. 2).
 INT3, INT1, INT_IMM8, HLT = 0xCC, 0xF1, 0xCD, 0xF4
-# SDM vol. 2A 2.3.11: an instruction is at most 15 bytes long.
-MAX_INSN = 15
 _RIP, _CR2 = x86.UC_X86_REG_RIP, x86.UC_X86_REG_CR2
 
 
@@ -90,6 +89,7 @@ class StopKind(Enum):
     HALT = "halt"  # hlt
     USER_STOP = "user-stop"  # Runner.stop() or Ctrl-C
     UNTIL = "until"  # RIP reached the ``until`` address
+    HOOK = "hook"  # a hook asked to stop after its instruction (Runner.stop_after_instruction)
     ERROR = "error"  # the engine failed (e.g. memory the snapshot does not hold)
 
 
@@ -210,16 +210,10 @@ def classify_fault_access(machine: _FaultView, pc: int, cr2: int) -> AccessKind 
     :attr:`Runner.access_classifier`.
     """
     user = machine.cpl == 3
-    if pc <= cr2 < pc + MAX_INSN:
+    if pc <= cr2 < pc + MAX_INSTRUCTION_LENGTH:
         if machine.translate(cr2, Access(AccessKind.FETCH, user)).fault is not None:
             return AccessKind.FETCH
-    code = b""
-    for n in (MAX_INSN, (pc | 0xFFF) + 1 - pc):
-        try:
-            code = machine.read_virtual(pc, n)
-            break
-        except KctxError:
-            continue
+    code = read_instruction_bytes(machine.read_virtual, pc)
     return _decoded_access(code, pc) if code else None
 
 
@@ -232,6 +226,7 @@ class _Pending:
     invalid_opcode: bool = False
     syscall: bool = False
     until: bool = False
+    hook_stop: bool = False
     unmapped: str = ""
 
 
@@ -312,6 +307,13 @@ class Runner:
     def stop(self) -> None:
         """Ask the run in progress to stop at its next chunk boundary; thread-safe."""
         self._stop.set()
+
+    def stop_after_instruction(self) -> None:
+        """From inside a hook (e.g. a memory hook): end the run once the instruction in
+        progress completes, with an exact count; the run ends as :attr:`StopKind.HOOK`
+        (or as the fault, if that instruction faults after all)."""
+        self._pending.hook_stop = True
+        self._counter.stop_after_current()
 
     def reset_nested_faults(self) -> None:
         """Clear QEMU's in-flight exception so the next fault is not promoted to #DF."""
@@ -410,6 +412,11 @@ class Runner:
             retired = min(started - 1, budget)
             self.icount += retired
             return self._event(StopKind.UNTIL, executed + retired)
+        if pending.hook_stop and error is None:
+            # The counting hook counted the next instruction, whose start it prevented.
+            retired = max(started - 1, 0)
+            self.icount += retired
+            return self._event(StopKind.HOOK, executed + retired)
         if error is not None:
             # A data access to unbacked memory started its instruction; a fetch did not.
             fetch = "fetch" in pending.unmapped or "FETCH" in str(error)

@@ -41,6 +41,7 @@ __all__ = [
     "Instruction",
     "disassemble",
     "format_instruction",
+    "read_instruction_bytes",
 ]
 
 # SDM vol. 2A 2.3.11: an instruction is at most 15 bytes long.
@@ -160,6 +161,17 @@ def _read_ahead(
     if end < address + size:
         return bytes(out), DisasmStop(end, "end of the 64-bit address space")
     return bytes(out), None
+
+
+def read_instruction_bytes(read_virtual: Callable[[int, int], bytes], address: int) -> bytes:
+    """Bytes to decode one instruction at ``address`` from: the 15 it may span, else the
+    rest of its page when the next page cannot be read, else ``b""``."""
+    for size in (MAX_INSTRUCTION_LENGTH, _PAGE_SIZE - address % _PAGE_SIZE):
+        try:
+            return read_virtual(address, size)
+        except KctxError:
+            continue
+    return b""
 
 
 def _label(symbols: _Symbolizer | None, address: int) -> str:

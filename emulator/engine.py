@@ -148,18 +148,39 @@ class InstructionCounter:
     def __init__(self, uc: Uc, layout: EngineLayout) -> None:
         self._uc = uc
         self.exact_native = layout.counter_offset is not None
+        self._stop_at: int | None = None
         if self.exact_native:
-            self._cell = ctypes.c_uint64.from_address(uc._uch.value + layout.counter_offset)
+            address = uc._uch.value + layout.counter_offset
+            self._cell = ctypes.c_uint64.from_address(address)
+            # ``uc_struct.emu_count``: the counting hook stops the run once the counter
+            # passes it, before the instruction it is counting executes.
+            self._limit = ctypes.c_uint64.from_address(address + 8)
         else:
             self._python = 0
             uc.hook_add(UC_HOOK_CODE, self._count)
 
-    def _count(self, _uc: Uc, _address: int, _size: int, _data: object) -> None:
+    def _count(self, uc: Uc, _address: int, _size: int, _data: object) -> None:
         self._python += 1
+        if self._stop_at is not None and self._python > self._stop_at:
+            uc.emu_stop()
 
     def reset(self) -> None:
+        self._stop_at = None
         if not self.exact_native:
             self._python = 0
+
+    def stop_after_current(self) -> None:
+        """From inside a hook: end the run before the next instruction starts.
+
+        The instruction in progress completes; the next one is counted (as a budget
+        stop counts the instruction it prevented) and not executed. ``emu_stop`` in a
+        memory hook would instead abandon the instruction after its store, leaving RIP
+        on it.
+        """
+        if self.exact_native:
+            self._limit.value = self._cell.value
+        else:
+            self._stop_at = self._python
 
     def read(self) -> int:
         return self._cell.value if self.exact_native else self._python

@@ -26,12 +26,16 @@ native counter …), never discovered later.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from unicorn import (
     UC_ARCH_X86,
     UC_CTL_IO_WRITE,
     UC_CTL_TLB_FLUSH,
+    UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_WRITE,
+    UC_MEM_WRITE,
     UC_MODE_64,
     UC_PROT_ALL,
     Uc,
@@ -80,7 +84,12 @@ from .relocate import (
     describe_relocations,
 )
 
-__all__ = ["DEFAULT_CPU_MODEL", "Machine", "MachineReport", "describe_report"]
+__all__ = ["DEFAULT_CPU_MODEL", "Machine", "MachineReport", "MemoryCallback", "describe_report"]
+
+MemoryCallback = Callable[[AccessKind, int, int, int, int], None]
+"""``callback(kind, phys, size, value, pc)`` for :meth:`Machine.hook_memory`: READ or
+WRITE, the machine-physical address and size, the value written (0 for a read, which
+has not happened yet), and the RIP of the accessing instruction."""
 
 # Skylake-Server: SMEP, SMAP and PKU in CPUID (tests/test_walk_unicorn_diff.py).
 DEFAULT_CPU_MODEL = x86.UC_CPU_X86_SKYLAKE_SERVER
@@ -551,6 +560,31 @@ class Machine:
     def step(self, n: int = 1) -> StopEvent:
         """Execute ``n`` instructions (fewer if something stops the run first)."""
         return self._runner.run(count=n)
+
+    def hook_memory(
+        self, begin: int, end: int, callback: MemoryCallback, *, read: bool = True,
+        write: bool = True,
+    ) -> int:  # fmt: skip
+        """Call ``callback`` before each guest data access to machine-physical ``[begin, end]``.
+
+        With paging on, Unicorn gives memory hooks *physical* addresses (measured), so
+        the range is physical: a virtual range must be translated by the caller. The
+        callback may call ``machine.runner.stop_after_instruction()``; it must not raise.
+        Returns a handle for :meth:`unhook`.
+        """
+        if not (read or write):
+            raise EmulatorError("hook_memory: neither reads nor writes asked for")
+        types = (UC_HOOK_MEM_READ if read else 0) | (UC_HOOK_MEM_WRITE if write else 0)
+
+        def on_access(uc: Uc, access: int, address: int, size: int, value: int, _d) -> None:
+            kind = AccessKind.WRITE if access == UC_MEM_WRITE else AccessKind.READ
+            callback(kind, address, size, value, uc.reg_read(x86.UC_X86_REG_RIP))
+
+        return self.uc.hook_add(types, on_access, None, begin, end)
+
+    def unhook(self, handle: int) -> None:
+        """Remove a hook :meth:`hook_memory` added."""
+        self.uc.hook_del(handle)
 
     def stop(self) -> None:
         """Stop the run in progress at its next chunk boundary (thread-safe; for Ctrl-C).

@@ -24,7 +24,7 @@ import numpy as np
 from kctx_debug.errors import PageTableError, UnbackedMemoryError
 from kctx_debug.physmem import PAGE_SIZE, PhysicalMemory
 
-from .entry import ADDRESS_MASK, INDEX_MASK, PAT_LARGE, PKEY_MASK, PKEY_SHIFT, PteFlag
+from .entry import ADDRESS_MASK, INDEX_MASK, PKEY_MASK, PKEY_SHIFT, PteFlag, reserved_mask
 from .walk import CpuPagingState
 
 __all__ = ["BatchResult", "BatchStatus", "translate_many"]
@@ -135,7 +135,7 @@ def translate_many(mem: PhysicalMemory, vas: object, cpu: CpuPagingState) -> Bat
     status[~canonical] = BatchStatus.NON_CANONICAL
 
     phys_mask = _U(cpu.phys_mask)
-    base_reserved = _U((ADDRESS_MASK & ~cpu.phys_mask) | (0 if cpu.nxe else int(PteFlag.XD)))
+    maxphy, nxe = cpu.maxphyaddr, cpu.nxe
     p, rw_bit, us_bit = _U(PteFlag.P), _U(PteFlag.RW), _U(PteFlag.US)
     ps, xd_bit = _U(PteFlag.PS), _U(PteFlag.XD)
     cache: dict[int, np.ndarray | None] = {}
@@ -158,12 +158,11 @@ def translate_many(mem: PhysicalMemory, vas: object, cpu: CpuPagingState) -> Bat
         depth_out[lanes[have]] = depth  # a lane missing its table keeps the previous depth
 
         is_ps = (entries & ps) != 0
-        reserved = np.full(len(lanes), base_reserved, dtype=np.uint64)
-        if level.large_pages:  # 1 GiB/2 MiB page: low address bits except PAT reserved
-            large_low = _U((level.page_size - 1) & ADDRESS_MASK & ~PAT_LARGE)
-            reserved[is_ps] |= large_low
-        elif depth != last:  # PS in a PML5E/PML4E
-            reserved[is_ps] |= ps
+        with_ps, without_ps = (
+            _U(reserved_mask(level, last=depth == last, ps=b, maxphyaddr=maxphy, nxe=nxe))
+            for b in (True, False)
+        )
+        reserved = np.where(is_ps, with_ps, without_ps)
         present = (entries & p) != 0
         bad = (entries & reserved) != 0
         status[lanes[have & ~present]] = BatchStatus.NOT_PRESENT

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntFlag
 
+from kctx_debug.arch.address import canonicalize, is_canonical
+
 __all__ = [
     "ADDRESS_MASK",
     "CR3_PCID_MASK",
@@ -33,6 +35,7 @@ __all__ = [
     "entry_address",
     "entry_pkey",
     "paging_mode",
+    "reserved_mask",
 ]
 
 
@@ -70,6 +73,8 @@ PKEY_SHIFT = 59
 PKEY_MASK = 0xF << PKEY_SHIFT
 # Frame address bits 51:12 (bounded further by MAXPHYADDR).
 ADDRESS_MASK = ((1 << 52) - 1) & ~0xFFF
+# Plain ints: IntFlag arithmetic is slow on the walker's per-level path.
+_PS, _XD = int(PteFlag.PS), int(PteFlag.XD)
 
 
 @dataclass(frozen=True)
@@ -99,16 +104,12 @@ class PagingMode:
         return self.levels[0].shift + 9
 
     def is_canonical(self, va: int) -> bool:
-        """SDM vol. 3A 3.3.7.1: bits 63:va_bits-1 all equal."""
-        top = va >> (self.va_bits - 1)
-        return top == 0 or top == (1 << (65 - self.va_bits)) - 1
+        """Bits 63:va_bits-1 all equal: :func:`~kctx_debug.arch.address.is_canonical`."""
+        return is_canonical(va, self.va_bits)
 
     def canonical(self, va: int) -> int:
-        """Sign-extend a ``va_bits``-bit address to 64 bits."""
-        va &= (1 << self.va_bits) - 1
-        if va >> (self.va_bits - 1):
-            va |= ((1 << 64) - 1) ^ ((1 << self.va_bits) - 1)
-        return va
+        """Sign-extend a ``va_bits``-bit address to 64 bits: :func:`canonicalize`."""
+        return canonicalize(va, self.va_bits)
 
     def index(self, va: int, depth: int) -> int:
         return (va >> self.levels[depth].shift) & 0x1FF
@@ -136,6 +137,25 @@ def entry_address(entry: int, level: Level, leaf: bool, maxphyaddr: int = 52) ->
     if leaf:
         mask &= ~(level.page_size - 1)
     return entry & mask
+
+
+def reserved_mask(level: Level, *, last: bool, ps: bool, maxphyaddr: int, nxe: bool) -> int:
+    """Bits that must be 0 in a present entry at ``level`` (SDM vol. 3A 4.5.4, Tables 4-15..4-20).
+
+    Everywhere: address bits 51:MAXPHYADDR, and XD (bit 63) unless EFER.NXE. With
+    PS=1 (``ps``, the entry's bit 7): a 1 GiB/2 MiB page's address bits below its
+    alignment except PAT (bit 12); PS itself in a PML5E/PML4E. In a PTE (``last``)
+    bit 7 is PAT, so it adds nothing.
+    """
+    mask = ADDRESS_MASK & ~((1 << maxphyaddr) - 1)
+    if not nxe:
+        mask |= _XD
+    if ps:
+        if level.large_pages:
+            mask |= (level.page_size - 1) & ADDRESS_MASK & ~PAT_LARGE
+        elif not last:
+            mask |= _PS
+    return mask
 
 
 def entry_pkey(entry: int) -> int:

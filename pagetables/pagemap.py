@@ -2,7 +2,8 @@
 
 The file holds one little-endian u64 per virtual page of the process, at offset
 ``va // 4096 * 8`` (Linux ``Documentation/admin-guide/mm/pagemap.rst``). The PFN
-field reads as 0 unless the reader has CAP_SYS_ADMIN.
+field reads as 0 unless the reader has CAP_SYS_ADMIN. A process's VMAs
+(``/proc/PID/maps``) come from :func:`kctx_debug.capture.procmaps.read_maps`.
 
 >>> e = PagemapEntry.from_raw(0x8100000000001234)
 >>> e.present, e.exclusive, e.pfn
@@ -27,13 +28,11 @@ from .entry import PagingMode
 __all__ = [
     "PFN_MASK",
     "CrossCheckReport",
-    "MapsEntry",
     "PageVerdict",
     "PagemapBit",
     "PagemapEntry",
     "Verdict",
     "cross_check",
-    "read_maps",
     "read_pagemap",
 ]
 
@@ -103,42 +102,12 @@ class PagemapEntry:
         return f"not present {flags}"
 
 
-@dataclass(frozen=True)
-class MapsEntry:
-    """One line of ``/proc/PID/maps``."""
-
-    start: int
-    end: int
-    perms: str
-    offset: int
-    path: str
-
-
 def _proc_error(pid: int, name: str, e: OSError) -> KctxError:
     if e.errno in (errno.ENOENT, errno.ESRCH):
         return KctxError(f"no such process: {pid}")
     if e.errno in (errno.EACCES, errno.EPERM):
         return KctxError(f"cannot read /proc/{pid}/{name}: permission denied (needs ptrace access)")
     return KctxError(f"cannot read /proc/{pid}/{name}: {e.strerror}")
-
-
-def read_maps(pid: int) -> list[MapsEntry]:
-    """The VMAs of a live process, from ``/proc/PID/maps``.
-
-    :raises KctxError: no such process, or no permission.
-    """
-    try:
-        with open(f"/proc/{int(pid)}/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise _proc_error(pid, "maps", e) from None
-    out = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        path = fields[5] if len(fields) > 5 else ""
-        out.append(MapsEntry(start, end, fields[1], int(fields[2], 16), path))
-    return out
 
 
 def read_pagemap(pid: int, va_start: int, va_end: int) -> np.ndarray:

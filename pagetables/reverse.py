@@ -1,6 +1,6 @@
 """Reverse map: every virtual address that maps a given physical address.
 
-Uses the layout dump's traversal (:func:`~kctx_debug.pagetables.dump.iter_segments`),
+Uses the layout dump's traversal (:func:`~kctx_debug.pagetables.traverse.iter_segments`),
 so each table is searched as one array: an entry matches when the page it maps,
 of whatever size, contains the physical address.
 """
@@ -11,8 +11,8 @@ import numpy as np
 
 from ..errors import PageTableError
 from ..physmem import MAX_PHYS_BITS, PhysicalMemory
-from .dump import DEFAULT_SHARED_BUDGET, TableAnomaly, iter_segments
 from .entry import PagingMode
+from .traverse import DEFAULT_SHARED_BUDGET, TableAnomaly, iter_segments
 
 __all__ = ["reverse_map"]
 

@@ -30,7 +30,6 @@ from .entry import (
     CR3_PCID_MASK,
     ENTRY_SIZE,
     INDEX_MASK,
-    PAT_LARGE,
     PKEY_FIELD_BITS,
     Cr3,
     Level,
@@ -41,6 +40,7 @@ from .entry import (
     describe_entry,
     entry_pkey,
     paging_mode,
+    reserved_mask,
 )
 
 __all__ = [
@@ -346,20 +346,6 @@ def _bit_ranges(mask: int) -> str:
     return ", ".join(runs)
 
 
-def _reserved_mask(raw: int, level: Level, is_last: bool, base: int) -> int:
-    """Reserved bits of a present entry at ``level`` (SDM vol. 3A 4.5.4, Tables 4-15 to 4-20).
-
-    ``base`` holds the bits reserved everywhere: address bits at or above
-    MAXPHYADDR, and XD when EFER.NXE=0.
-    """
-    if raw & _PS:
-        if level.large_pages:  # a 1 GiB/2 MiB page: low address bits except PAT must be 0
-            return base | ((level.page_size - 1) & ADDRESS_MASK & ~PAT_LARGE)
-        if not is_last:  # PS in a PML5E/PML4E; bit 7 of a PTE is PAT
-            return base | _PS
-    return base
-
-
 def _describe_reserved(bits: int, level: Level, cpu: CpuPagingState) -> str:
     why = []
     above = bits & ADDRESS_MASK & ~cpu.phys_mask
@@ -479,7 +465,7 @@ def translate(
         return WalkResult(va, (), WalkStatus.FAULT, fault=fault, access=access)
 
     phys_mask = cpu.phys_mask
-    base_reserved = (ADDRESS_MASK & ~phys_mask) | (0 if cpu.nxe else _XD)
+    maxphyaddr, nxe = cpu.maxphyaddr, cpu.nxe
     levels = mode.levels
     last = levels[-1]
     steps: list[WalkStep] = []
@@ -503,7 +489,9 @@ def translate(
             code = _access_code(access, cpu)
             fault = PageFault(FaultKind.NOT_PRESENT, Vector.PF, code, va, step, "not present")
             break
-        bad = raw & _reserved_mask(raw, level, level is last, base_reserved)
+        bad = raw & reserved_mask(
+            level, last=level is last, ps=bool(raw & _PS), maxphyaddr=maxphyaddr, nxe=nxe
+        )
         if bad:
             code = _access_code(access, cpu) | PfErrorCode.P | PfErrorCode.RSVD
             why = _describe_reserved(bad, level, cpu)

@@ -14,6 +14,7 @@ from kctx_debug.emulator.disasm import (
     Instruction,
     disassemble,
     format_instruction,
+    read_instruction_bytes,
 )
 from kctx_debug.errors import UnbackedMemoryError
 from kctx_debug.symbols import Symbol, SymbolTable
@@ -165,3 +166,11 @@ def test_bad_requests():
         disassemble(reader(BASE, CODE), BASE, 1, syntax="gas")
     with pytest.raises(DisassemblyError):
         disassemble(reader(BASE, CODE), BASE, -1)
+
+
+def test_read_instruction_bytes_stops_at_an_unreadable_page():
+    read = reader(BASE, CODE)  # one readable page at BASE
+    assert read_instruction_bytes(read, BASE) == CODE[:15]
+    # 4 bytes before the page's end: 15 would cross into the next page, so only 4 come back.
+    assert read_instruction_bytes(read, BASE + PAGE - 4) == bytes(4)
+    assert read_instruction_bytes(read, BASE + PAGE) == b""

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from kctx_debug.capture.procmaps import read_maps
 from kctx_debug.errors import KctxError, PageTableError
 from kctx_debug.pagetables.build import PageTableBuilder
 from kctx_debug.pagetables.dump import iter_mappings
@@ -24,7 +25,6 @@ from kctx_debug.pagetables.pagemap import (
     PagemapEntry,
     Verdict,
     cross_check,
-    read_maps,
     read_pagemap,
 )
 from kctx_debug.pagetables.reverse import reverse_map
@@ -97,7 +97,7 @@ def test_read_pagemap_errors():
     assert str(info.value) == f"no such process: {missing}"
     with pytest.raises(KctxError) as info:
         read_maps(missing)
-    assert str(info.value) == f"no such process: {missing}"
+    assert str(info.value) == f"no such process: PID {missing}"
     with pytest.raises(KctxError, match="empty or negative"):
         read_pagemap(os.getpid(), 0x2000, 0x1000)
     with pytest.raises(KctxError, match="beyond the user address space"):
@@ -122,7 +122,7 @@ def child():
     try:
         base = int(proc.stdout.readline(), 16)
         vma = next(v for v in read_maps(proc.pid) if v.start <= base < v.end)
-        assert vma.end - base >= PAGES * 4096 and vma.perms.startswith("rw")
+        assert vma.end - base >= PAGES * 4096 and vma.perms_text.startswith("rw")
         raw = read_pagemap(proc.pid, base, base + PAGES * 4096)
         entries = [PagemapEntry.from_raw(int(r)) for r in raw]
         if entries[0].pfn == 0:

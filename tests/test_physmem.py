@@ -153,3 +153,58 @@ def test_close_releases_file(tmp_path):
     m.close()
     os.unlink(side)
     assert m.regions == ()
+
+
+def _mappings_of(path) -> int:
+    """How many lines of /proc/self/maps map ``path`` (the kernel's own count of our mmaps)."""
+    target = " " + str(path.resolve())
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if line.rstrip("\n").endswith(target))
+
+
+def test_ranges_of_one_file_share_one_mapping(tmp_path):
+    # A capture's side file: thousands of one-frame runs, placed in reverse order.
+    count = 10_000
+    side = tmp_path / "frames.phys"
+    pages = np.zeros((count, 512), dtype="<u8")
+    pages[:, 0] = np.arange(1, count + 1)  # page i starts with the u64 i + 1
+    pages.tofile(side)
+    m = PhysicalMemory()
+    assert _mappings_of(side) == 0
+    for i in range(count):
+        m.add_file((count - 1 - i) * 0x2000, side, i * 0x1000, 0x1000)
+    assert _mappings_of(side) == 1
+    assert len(m.regions) == count
+    assert all(m.read_u64((count - 1 - i) * 0x2000) == i + 1 for i in range(count))
+
+    hosts = m.host_ranges()
+    assert [(h.base, h.size) for h in hosts] == [(i * 0x2000, 0x1000) for i in range(count)]
+    first = hosts[-1].address  # file page 0 is at the highest physical address
+    for k, h in enumerate(hosts):
+        i = count - 1 - k
+        assert h.address == first + i * 0x1000
+        assert ctypes.string_at(h.address, 8) == (i + 1).to_bytes(8, "little")
+    ctypes.memmove(hosts[0].address + 8, b"\x55", 1)  # as Unicorn would write
+    assert m.read_u8(8) == 0x55 and m.read_u8(0x2008) == 0
+    assert _mappings_of(side) == 1
+    del hosts, h
+    m.close()
+    assert _mappings_of(side) == 0
+    assert np.fromfile(side, dtype="<u8")[1] == 0  # copy-on-write: the file never changed
+
+
+def test_ranges_aliasing_the_same_file_bytes_stay_independent(tmp_path):
+    side = tmp_path / "alias.bin"
+    side.write_bytes(b"\x01" * 0x1000 + b"\x02" * 0x2000)
+    m = PhysicalMemory()
+    m.add_file(0x0, side, 0x1000, 0x2000)
+    m.add_file(0x10000, side, 0x2000, 0x1000)  # the second page of the first range again
+    m.add_file(0x20000, side, 0x0, 0x1000)  # disjoint: shares the file's mapping
+    assert _mappings_of(side) == 2
+    m.write_u8(0x1010, 0x99)
+    assert (m.read_u8(0x1010), m.read_u8(0x10010), m.read_u8(0x20010)) == (0x99, 0x02, 0x01)
+    m.write_u8(0x10020, 0x77)
+    assert (m.read_u8(0x1020), m.read_u8(0x10020)) == (0x02, 0x77)
+    m.close()
+    assert _mappings_of(side) == 0
+    assert side.read_bytes() == b"\x01" * 0x1000 + b"\x02" * 0x2000

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from kctx_debug.errors import SnapshotError
 from kctx_debug.physmem import PhysicalMemory
-from kctx_debug.snapshot import RangeKind, Snapshot
+from kctx_debug.snapshot import MemoryRange, RangeKind, Snapshot
 from kctx_debug.snapshot_io import load_snapshot, parse_snapshot, save_snapshot, snapshot_to_json
 
 
@@ -299,3 +299,13 @@ def test_one_gib_sparse_side_file_is_not_read_whole(tmp_path: Path) -> None:
         "0x12345000": "00" * 8,
     }
     assert out["hwm_kib"] < 200 * 1024, out
+
+
+def test_memory_range_repr_leaves_out_inline_data():
+    # A failing assertion on a snapshot must not print megabytes of memory.
+    r = MemoryRange(0x1000, 0x1000, RangeKind.INLINE, data=b"\xab" * 0x1000)
+    assert repr(r) == (
+        "MemoryRange(base=4096, size=4096, kind=<RangeKind.INLINE: 'inline'>, "
+        "encoding='hex', path='', offset=0)"
+    )
+    assert r != replace(r, data=b"\xcd" * 0x1000)  # still compared

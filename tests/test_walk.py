@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kctx_debug.errors import PageTableError
-from kctx_debug.pagetables.entry import Cr3, PfErrorCode
+from kctx_debug.pagetables.entry import FIVE_LEVEL, FOUR_LEVEL, Cr3, PfErrorCode, reserved_mask
 from kctx_debug.pagetables.render import describe_error_code, render_walk, walk_to_json
 from kctx_debug.pagetables.walk import (
     Access,
@@ -609,3 +609,20 @@ def test_describe_error_code():
     assert describe_error_code(0) == "-"
     assert describe_error_code(0x3F) == "P|WR|US|RSVD|ID|PK"
     assert describe_error_code(0x8001 | 0x100) == "P|SGX|0x100"
+
+
+# Reserved bits by SDM vol. 3A Tables 4-15 to 4-20, as hand-written masks.
+@pytest.mark.parametrize(
+    ("level", "last", "ps", "maxphyaddr", "nxe", "mask"),
+    [
+        (FOUR_LEVEL.levels[0], False, True, 52, True, 0x80),  # PS in a PML4E
+        (FIVE_LEVEL.levels[0], False, True, 52, True, 0x80),  # PS in a PML5E
+        (FOUR_LEVEL.levels[1], False, True, 52, True, 0x3FFFE000),  # 1 GiB page: bits 29:13
+        (FOUR_LEVEL.levels[2], False, True, 46, False, 0x800FC000001FE000),  # 2M: 63, 51:46, 20:13
+        (FOUR_LEVEL.levels[2], False, False, 40, True, 0x000FFF0000000000),  # PDE -> table: 51:40
+        (FOUR_LEVEL.levels[3], True, True, 52, True, 0),  # bit 7 of a PTE is PAT
+        (FOUR_LEVEL.levels[3], True, False, 36, False, 0x800FFFF000000000),  # XD, bits 51:36
+    ],
+)
+def test_reserved_mask_per_level(level, last, ps, maxphyaddr, nxe, mask):
+    assert reserved_mask(level, last=last, ps=ps, maxphyaddr=maxphyaddr, nxe=nxe) == mask
