@@ -580,7 +580,11 @@ class Machine:
             kind = AccessKind.WRITE if access == UC_MEM_WRITE else AccessKind.READ
             callback(kind, address, size, value, uc.reg_read(x86.UC_X86_REG_RIP))
 
-        return self.uc.hook_add(types, on_access, None, begin, end)
+        handle = self.uc.hook_add(types, on_access, None, begin, end)
+        # Loads only call read hooks from code translated while such a hook existed
+        # (measured): retranslate everything.
+        self.uc.ctl_flush_tb()
+        return handle
 
     def unhook(self, handle: int) -> None:
         """Remove a hook :meth:`hook_memory` added."""

@@ -5,8 +5,9 @@ that applies to the frame's PC:
 
 1. **CFI**: an FDE of an ELF symbol source covers the PC (its ``.eh_frame`` table
    gives the CFA and where RA and RBP were saved, DWARF for x86-64);
-2. **entry**: the PC is a function's first instruction (RA at ``[rsp]``) or the one
-   after its ``push rbp`` (RA at ``[rsp+8]``);
+2. **prologue**: the instructions from the function's start to the PC only push
+   registers and subtract from RSP (a function's first instructions): RA just above
+   what they pushed;
 3. **frame pointer**: RA at ``[rbp+8]``, the caller's RBP at ``[rbp]``.
 
 When the frame's function is an IDT handler, the slot the RA would occupy holds the
@@ -41,9 +42,15 @@ __all__ = [
 MAX_FRAMES = 64
 # DWARF register numbers, System V x86-64 psABI Figure 3.36.
 DWARF_RBP, DWARF_RSP, DWARF_RA = 6, 7, 16
-_PUSH_RBP = 0x55  # push rbp (SDM vol. 2B PUSH: 50+rd)
 _WORD = 8
 _TRAP_FRAME_RSP = 3  # words from the pushed RIP to the pushed RSP (RIP, CS, RFLAGS, RSP)
+# Instructions read from a function's start looking for its stack use (a prologue).
+MAX_PROLOGUE = 64
+_GPRS = frozenset(
+    "rax rbx rcx rdx rsi rdi rbp r8 r9 r10 r11 r12 r13 r14 r15".split()
+)  # push of these moves RSP by 8
+_FLOW = frozenset({"jump", "call", "ret", "iret", "int", "branch_relative"})
+_STACK_OPS = frozenset({"pop", "leave", "enter", "pushf", "pushfq", "popf", "popfq"})
 
 Reader = Callable[[int, int], bytes]
 
@@ -141,7 +148,7 @@ class Frame:
     level: int
     pc: int
     sp: int
-    how: str  # "rip", "cfi", "entry", "frame pointer", "trap frame (#BP)"
+    how: str  # "rip", "cfi", "prologue", "frame pointer", "trap frame (#BP)"
 
 
 @dataclass(frozen=True)
@@ -172,14 +179,50 @@ def _ra_slot(
             cfa = base + row.cfa_offset
             fp = regs.fp if row.rbp_offset is None else _u64(read, cfa + row.rbp_offset)
             return cfa + row.ra_offset, fp, "cfi"
-    hit = symbols.lookup(regs.pc) if regs.exact else None
-    if hit is not None and hit.offset == 0:
-        return regs.sp, regs.fp, "entry"
-    if hit is not None and hit.offset == 1 and read(hit.symbol.address, 1)[0] == _PUSH_RBP:
-        return regs.sp + _WORD, _u64(read, regs.sp), "entry"
+    if regs.exact:
+        found = _prologue(regs, read, symbols)
+        if found is not None:
+            return found
     if regs.fp == 0:
         return None
     return regs.fp + _WORD, _u64(read, regs.fp), "frame pointer"
+
+
+def _prologue(regs: _Regs, read: Reader, symbols: SymbolTable) -> tuple[int, int, str] | None:
+    """RA slot and caller RBP from the instructions between the function's start and PC.
+
+    Only a straight run is understood: pushes and ``sub rsp, IMM`` move the stack, and
+    instructions that neither touch RSP nor branch are skipped; anything else (a branch,
+    a pop, ``leave`` …) gives up, and the frame pointer is used instead.
+    """
+    from ..emulator.disasm import disassemble
+
+    hit = symbols.lookup(regs.pc)
+    if hit is None or hit.offset > MAX_PROLOGUE:
+        return None
+    depth, rbp_at = 0, None
+    listing = disassemble(read, hit.symbol.address, MAX_PROLOGUE, symbols)
+    for insn in listing:
+        if insn.address == regs.pc:
+            break
+        if insn.address > regs.pc:
+            return None
+        m, ops = insn.mnemonic, insn.op_str
+        if m == "push" and ops in _GPRS:
+            depth += _WORD
+            rbp_at = depth if ops == "rbp" else rbp_at
+        elif m == "sub" and ops.startswith("rsp, "):
+            try:
+                depth += int(ops[len("rsp, ") :], 0)
+            except ValueError:
+                return None
+        elif "rsp" in ops or insn.groups & _FLOW or m in _STACK_OPS:
+            if not (m == "mov" and ops == "rbp, rsp"):
+                return None
+    else:
+        return None
+    fp = regs.fp if rbp_at is None else _u64(read, regs.sp + depth - rbp_at)
+    return regs.sp + depth, fp, "prologue"
 
 
 def backtrace(

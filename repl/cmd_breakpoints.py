@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+
 from ..errors import CommandError
 from ..traps.breakpoints import describe_breakpoint
 from ..traps.watchpoints import describe_watchpoint
@@ -195,6 +196,7 @@ def condition_command(session: Session, args: Args) -> Output:
     flags=(Flag("json", "print one JSON document"),),
     examples=("info breakpoints", "info breakpoints --json"),
     category="breakpoints",
+    dont_repeat=True,
 )
 def info_breakpoints(session: Session, args: Args) -> Output:
     """List breakpoints and watchpoints: number, kind, enabled, address, hits, condition."""
@@ -227,9 +229,7 @@ def info_breakpoints(session: Session, args: Args) -> Output:
         ]
         return json.dumps(items, indent=1)
     symbols = session.symbols
-    lines = [
-        describe_breakpoint(bp, lambda a: symbols.format_address(a)) for bp in dbg.breakpoints
-    ]
+    lines = [describe_breakpoint(bp, lambda a: symbols.format_address(a)) for bp in dbg.breakpoints]
     lines += ["w" + describe_watchpoint(wp) for wp in dbg.watchpoints]
     if not lines:
         return Styled("no breakpoints or watchpoints")
@@ -264,9 +264,7 @@ _WATCH_ARGS = dict(
 )
 
 
-@command(
-    "watch", examples=("watch *(u64*)bp_count", "watch $rsp - 8 --size 8"), **_WATCH_ARGS
-)
+@command("watch", examples=("watch *(u64*)bp_count", "watch $rsp - 8 --size 8"), **_WATCH_ARGS)
 @requires_debugger
 def watch_command(session: Session, args: Args) -> Output:
     """Stop after an instruction writes the watched bytes (old and new value reported)."""

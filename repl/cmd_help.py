@@ -43,7 +43,7 @@ def describe_command(cmd: Command) -> str:
         lines += ["", "aliases: " + ", ".join(cmd.aliases)]
     if cmd.preconditions:
         lines += ["", "needs: " + "; ".join(cmd.preconditions)]
-    lines += ["", "examples:"] + [f"  {example}" for example in cmd.examples]
+    lines += ["", "examples:", *(f"  {example}" for example in cmd.examples)]
     return "\n".join(lines)
 
 

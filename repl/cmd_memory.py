@@ -123,7 +123,7 @@ def _repeat_x(name: str) -> Callable[[Session, Args], str]:
     category="memory",
 )
 def x_command(session: Session, args: Args) -> Output:
-    """Examine virtual memory: ``x/NFU ADDR`` (GDB's formats and sizes).
+    """Examine virtual memory: `x/NFU ADDR` (GDB's formats and sizes).
 
     N is a count; F a format: x hex, d signed, u unsigned, o octal, t binary,
     c char, a address with symbol, s string, i instruction; U a unit: b 1, h 2,
@@ -143,7 +143,7 @@ def x_command(session: Session, args: Args) -> Output:
     category="memory",
 )
 def xp_command(session: Session, args: Args) -> Output:
-    """Examine physical memory: ``xp/NFU PADDR`` (formats as for x).
+    """Examine physical memory: `xp/NFU PADDR` (formats as for x).
 
     Physical addresses are the machine's once it is built; they equal the
     snapshot's unless the machine had to move ranges above 2**40.
@@ -160,13 +160,14 @@ def xp_command(session: Session, args: Args) -> Output:
     ),
     examples=("disassemble", "disassemble bp_handler 9", "disas $rip 3"),
     category="memory",
+    dont_repeat=True,
 )
 def disassemble_command(session: Session, args: Args) -> Output:
     """Disassemble COUNT instructions from ADDR (default: RIP), with symbols.
 
-    Branch targets and RIP-relative operands are named; ``=>`` marks RIP. The
+    Branch targets and RIP-relative operands are named; `=>` marks RIP. The
     listing stops, saying why, where the code runs into unmapped memory.
-    ``set syntax att`` switches to AT&T syntax.
+    `set syntax att` switches to AT&T syntax.
     """
     target = session.target
     rip = target.reg("rip")

@@ -56,13 +56,14 @@ def parse_range(session: Session, text: str | None) -> tuple[int, int] | None:
     ),
     examples=("pt walk $rip", "pt walk $rsp --access write,user", "pt walk bp_count --json"),
     category="paging",
+    dont_repeat=True,
 )
 @requires_paging
 def pt_walk(session: Session, args: Args) -> Output:
     """Walk the page tables for one address: every entry read, the translation, any fault.
 
-    With ``--access`` the walk checks that access (``read``, ``write``, ``fetch``,
-    plus ``,user`` for CPL3) against U/S, R/W, XD, SMEP, SMAP, WP and protection keys,
+    With `--access` the walk checks that access (`read`, `write`, `fetch`,
+    plus `,user` for CPL3) against U/S, R/W, XD, SMEP, SMAP, WP and protection keys,
     and shows the #PF error code the processor would push.
     """
     access = Access.parse(args.access) if args.access else None
@@ -78,6 +79,7 @@ def pt_walk(session: Session, args: Args) -> Output:
     flags=(_JSON,),
     examples=("pt dump", "pt dump 0x400000-0x800000", "pt dump $rsp-0x1000 +0x2000"),
     category="paging",
+    dont_repeat=True,
 )
 @requires_paging
 def pt_dump(session: Session, args: Args) -> Output:
@@ -97,6 +99,7 @@ def pt_dump(session: Session, args: Args) -> Output:
     flags=(_JSON,),
     examples=("pt find 0x300000", "pt find 0x1000000 --json"),
     category="paging",
+    dont_repeat=True,
 )
 @requires_paging
 def pt_find(session: Session, args: Args) -> Output:
@@ -119,6 +122,7 @@ def pt_find(session: Session, args: Args) -> Output:
     flags=(_JSON,),
     examples=("pt check", "pt check --json"),
     category="paging",
+    dont_repeat=True,
 )
 @requires_paging
 def pt_check(session: Session, args: Args) -> Output:

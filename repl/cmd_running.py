@@ -87,10 +87,8 @@ def report_stop(session: Session, dbg: Debugger, first: int, event: TrapEvent) -
     session.last_stop = StopRecord(event, summary, pending)
     if session.settings.context:
         machine = dbg.machine
-        why = Styled()
         out.newline().extend(
             render_context(
-                why,
                 machine.registers(),
                 session.changed_registers(),
                 dbg.read_virtual,
@@ -236,6 +234,7 @@ def finish_command(session: Session, args: Args) -> Output:
     args=(Arg("location", ArgKind.LOCATION, "a code address"),),
     examples=("until bp_handler", "until *0x40000f", "until $rip + 5"),
     category="running",
+    dont_repeat=True,
 )
 @requires_debugger
 def until_command(session: Session, args: Args) -> Output:

@@ -35,6 +35,7 @@ _GROUP_ALIASES = {"gp": "general", "seg": "segment", "cr": "control", "msrs": "m
     flags=(_JSON,),
     examples=("info registers", "info registers control", "info registers rip cr3 efer"),
     category="state",
+    dont_repeat=True,
 )
 def info_registers(session: Session, args: Args) -> Output:
     """Show registers: general (default), segment, control, table, msr, all, or by name.
@@ -90,6 +91,7 @@ def _registers_json(session: Session, words: list[str]) -> dict[str, int]:
     "info cpu",
     examples=("info cpu",),
     category="state",
+    dont_repeat=True,
 )
 def info_cpu(session: Session, args: Args) -> Output:
     """Show the execution mode, CPL, paging mode, interrupt flag and the pending trap."""
@@ -121,12 +123,12 @@ _SIZES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8}
 def set_command(session: Session, args: Args) -> Output:
     """Write a register or memory, or change a setting.
 
-    ``set $REG = EXPR`` writes a register (partial ones keep the rest of their
-    parent; builds the machine). ``set {u8|u16|u32|u64} ADDR = EXPR`` (or
-    ``set *(u64*)ADDR = EXPR``) writes virtual memory through the current page
-    tables. ``set NAME VALUE`` changes a setting: ``context on|off`` (the display
-    on every stop), ``context-code N``, ``context-stack N``, ``syntax intel|att``,
-    ``debug on|off`` (tracebacks for internal errors). ``set`` alone lists them.
+    `set $REG = EXPR` writes a register (partial ones keep the rest of their
+    parent; builds the machine). `set {u8|u16|u32|u64} ADDR = EXPR` (or
+    `set *(u64*)ADDR = EXPR`) writes virtual memory through the current page
+    tables. `set NAME VALUE` changes a setting: `context on|off` (the display
+    on every stop), `context-code N`, `context-stack N`, `syntax intel|att`,
+    `debug on|off` (tracebacks for internal errors). `set` alone lists them.
     """
     text = (args.assignment or "").strip()
     if text.startswith("var "):
@@ -192,13 +194,14 @@ def _print_value(value: int, suffix: str, session: Session) -> Styled:
     format_suffix=True,
     examples=("p $rsp + 8", "p/x *(u64*)$rsp", "print bp_handler+4"),
     category="state",
+    dont_repeat=True,
 )
 def print_command(session: Session, args: Args) -> Output:
-    """Evaluate an expression: hex, signed decimal and symbol (``/x /d /u /o /t /c /a``).
+    """Evaluate an expression: hex, signed decimal and symbol (`/x /d /u /o /t /c /a`).
 
-    Expressions: numbers (``0x10``, ``16``), registers (``$rax``, ``$cr3``, ``$pc``),
-    symbols (``do_page_fault+0x10``), ``+ - * / % & | ^ << >> ~ !``, comparisons,
-    parentheses, and memory reads ``*(u8*)``, ``*(u16*)``, ``*(u32*)``, ``*(u64*)``.
+    Expressions: numbers (`0x10`, `16`), registers (`$rax`, `$cr3`, `$pc`),
+    symbols (`do_page_fault+0x10`), `+ - * / % & | ^ << >> ~ !`, comparisons,
+    parentheses, and memory reads `*(u8*)`, `*(u16*)`, `*(u32*)`, `*(u64*)`.
     """
     return _print_value(args.expr, args.suffix, session)
 
@@ -208,13 +211,16 @@ def print_command(session: Session, args: Args) -> Output:
     args=(Arg("expr", ArgKind.EXPR, "an address"),),
     examples=("info symbol $rip", "info symbol 0xffffffff81000004"),
     category="state",
+    dont_repeat=True,
 )
 def info_symbol(session: Session, args: Args) -> Output:
-    """Name the symbol containing an address, as ``name+off``."""
+    """Name the symbol containing an address, as `name+off`."""
     hit = session.symbols.lookup(args.expr)
     if hit is None:
         return Styled(f"no symbol matches {args.expr:#x}")
-    return Styled().add(str(hit), "sym").add(" in ").add(f"{hit.symbol.address:#x}", "addr")
+    sym = hit.symbol
+    size = f", size {sym.size:#x}" if sym.size else ""
+    return Styled().add(str(hit), "sym").add(f"  ({sym.name} at {sym.address:#x}{size})", "dim")
 
 
 COMMANDS = (info_registers, info_cpu, set_command, print_command, info_symbol)

@@ -46,6 +46,7 @@ class TableView:
     flags=(_JSON,),
     examples=("info idt", "info idt 3", "info idt #PF --json"),
     category="tables",
+    dont_repeat=True,
 )
 def info_idt(session: Session, args: Args) -> Output:
     """Decode the IDT: each present gate's type, selector, handler (symbolized), IST, DPL.
@@ -88,6 +89,7 @@ def _only(gates: list[dict[str, Any]], vector: int) -> dict[str, Any]:
     flags=(_JSON,),
     examples=("info gdt", "info gdt --json"),
     category="tables",
+    dont_repeat=True,
 )
 def info_gdt(session: Session, args: Args) -> Output:
     """Decode the GDT: each slot's selector, kind, DPL, base, limit and flags."""
@@ -102,6 +104,7 @@ def info_gdt(session: Session, args: Args) -> Output:
     flags=(_JSON,),
     examples=("info tss", "info tss --json"),
     category="tables",
+    dont_repeat=True,
 )
 def info_tss(session: Session, args: Args) -> Output:
     """Decode the 64-bit TSS that TR names: RSP0-2, the IST stacks, the I/O map base."""

@@ -51,6 +51,10 @@ class ReplCompleter(Completer):
             options = self.registry.subcommands(tuple(head))
             yield from _complete(options, current)
             return
+        if cmd.name == "help":
+            # help takes a command name: complete it word by word, as at the start.
+            yield from _complete(self.registry.subcommands(tuple(done[used:])), current)
+            return
         m = _WORD.search(current)
         word = m.group(1) if m else ""
         yield from _complete(self._candidates(cmd, word, len(done) - used), word)
@@ -69,8 +73,6 @@ class ReplCompleter(Completer):
             return [f.option for f in cmd.flags]
         if word.startswith("$"):
             return [f"${name}" for name in _REGISTERS]
-        if cmd.name == "help":
-            return self.registry.names()
         if cmd.name == "info registers":
             return [*REGISTER_GROUPS, *_REGISTERS]
         if cmd.name == "set" and position == 0:

@@ -54,7 +54,7 @@ def _command_section(cmd: Command) -> list[str]:
         lines += ["", "Aliases: " + ", ".join(f"`{a}`" for a in cmd.aliases) + "."]
     if cmd.preconditions:
         lines += ["", "Needs: " + "; ".join(cmd.preconditions) + "."]
-    lines += ["", "Examples:", "", "```"] + list(cmd.examples) + ["```", ""]
+    lines += ["", "Examples:", "", "```", *cmd.examples, "```", ""]
     return lines
 
 

@@ -12,7 +12,10 @@ import sys
 from typing import TextIO
 
 from prompt_toolkit import print_formatted_text
+from prompt_toolkit.data_structures import Size
 from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.output import ColorDepth
+from prompt_toolkit.output.vt100 import Vt100_Output
 from prompt_toolkit.styles import Style
 
 from .registry import Output
@@ -38,6 +41,11 @@ STYLE = Style.from_dict(
         "bottom-toolbar": "noreverse bg:ansiblue fg:ansiwhite",
     }
 )
+
+
+def _size() -> Size:
+    # Only used for cursor movement, which printing lines never does.
+    return Size(rows=24, columns=80)
 
 
 def want_color(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
@@ -74,7 +82,8 @@ class Printer:
         if not styled:
             return
         if color:
-            print_formatted_text(FormattedText(list(styled)), style=STYLE, file=stream)
+            output = Vt100_Output(stream, _size, default_color_depth=ColorDepth.DEPTH_8_BIT)
+            print_formatted_text(FormattedText(list(styled)), style=STYLE, output=output)
         else:
             stream.write(str(styled) + "\n")
         stream.flush()

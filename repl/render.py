@@ -80,7 +80,8 @@ def _value_line(
     out.add(f"0x{value:016x}", "changed" if changed else "value")
     flag_type = _FLAG_TYPES.get(name)
     if flag_type is not None:
-        out.add(f"  [{describe_flags(value, flag_type)}]", "flag")
+        flags = describe_flags(value, flag_type)
+        out.add(f"  [{flags if flags != '0' else ' '}]", "flag")
     elif name == "star":
         out.add(
             f"  syscall cs={STAR_SYSCALL_CS.extract(value):#x}"

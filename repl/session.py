@@ -8,8 +8,9 @@ snapshot never imports the emulator; until then commands read the snapshot itsel
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from ..traps.debugger import Debugger
     from ..traps.events import TrapEvent
     from ..traps.trace import TraceWriter
+    from .backtrace import CfiTable
     from .registry import CommandRegistry
 
 __all__ = ["Session", "Settings", "StopRecord"]
@@ -82,6 +84,7 @@ class Session:
     last_stop: StopRecord | None = None
     x_state: _XState = field(default_factory=_XState)
     recorder: TraceWriter | None = None
+    record_callback: Callable[[TrapEvent], None] | None = None
     notices: list[str] = field(default_factory=list)
     registry: CommandRegistry | None = None  # for help (set by whoever runs commands)
     running: bool = False  # a run is in progress: Ctrl-C stops it (see .runner)
@@ -89,6 +92,7 @@ class Session:
     _debugger: Debugger | None = None
     _registers_before: dict[str, int] = field(default_factory=dict)
     _machine_factory: Callable[[KernelContext], Machine] | None = None
+    _cfi: list[CfiTable] | None = None
 
     def __post_init__(self) -> None:
         if self.symbols is None:
@@ -189,6 +193,47 @@ class Session:
     @property
     def registers_before(self) -> dict[str, int]:
         return self._registers_before
+
+    def cfi_tables(self) -> list[CfiTable]:
+        """The ``.eh_frame`` tables of the snapshot's ELF symbol sources (read once).
+
+        A source that cannot be read is skipped with a notice.
+        """
+        if self._cfi is None:
+            from .backtrace import CfiTable
+
+            tables = []
+            snap = self.context.snapshot
+            for i, src in enumerate(snap.symbols):
+                if src.kind != "elf":
+                    continue
+                try:
+                    table = CfiTable.from_elf(
+                        snap.resolve(src.path, f"symbols[{i}].path"), src.offset
+                    )
+                except KctxError as e:
+                    self.notices.append(f"no CFI from symbols[{i}]: {e}")
+                    continue
+                if table is not None:
+                    tables.append(table)
+            self._cfi = tables
+        return self._cfi
+
+    @contextlib.contextmanager
+    def breakpoints_lifted(self) -> Iterator[None]:
+        """Guest bytes under inserted breakpoints restored for the duration (for save)."""
+        if self._debugger is None:
+            yield
+            return
+        table = self._debugger.breakpoints
+        patched = {bp.phys: bp.address for bp in table if table.is_patched(bp.phys)}
+        for phys, va in patched.items():
+            table.lift(phys, va)
+        try:
+            yield
+        finally:
+            for phys, va in patched.items():
+                table.rearm(phys, va)
 
     def changed_registers(self) -> set[str]:
         """General registers that differ from before the last run (empty before any run)."""

@@ -1,6 +1,7 @@
 """The context shown on every stop (GEF/pwndbg style): why, registers, code, stack.
 
-- **why**: the trap's name, vector, error code, CR2 and the handler it went to;
+- **why** (printed by the caller, :func:`~.cmd_running.report_stop`): the trap's name,
+  vector, error code, CR2 and the handler it went to;
 - **registers**: the general registers, those changed by the run highlighted;
 - **code**: a few instructions before RIP (decoded from the start of its symbol, when
   that is near) and after it, ``=>`` marking RIP;
@@ -37,7 +38,7 @@ def render_registers_compact(regs: dict[str, int], changed: Iterable[str]) -> St
             out.newline()
         elif i:
             out.add("  ")
-        out.add(f"{name:<6}", "reg")
+        out.add(f"{name:<7}", "reg")
         out.add(f"0x{regs[name]:016x}", "changed" if name in moved else "value")
     return out
 
@@ -67,10 +68,10 @@ def render_stack(read: Reader, rsp: int, symbols: SymbolTable, words: int) -> St
         address = rsp + 8 * i
         try:
             value = int.from_bytes(read(address, 8), "little")
-        except KctxError as e:
+        except KctxError:
             if i:
                 out.newline()
-            out.add(f"{address:#018x}: {e}", "warning")
+            out.add(f"{address:#018x}  (unreadable)", "warning")
             break
         if i:
             out.newline()
@@ -80,7 +81,6 @@ def render_stack(read: Reader, rsp: int, symbols: SymbolTable, words: int) -> St
 
 
 def render_context(
-    why: Styled,
     regs: dict[str, int],
     changed: Iterable[str],
     read: Reader,
@@ -89,16 +89,17 @@ def render_context(
     stack: int,
     syntax: str = "intel",
 ) -> Styled:
-    """The whole display: why, registers, code and stack, each under a heading."""
+    """Registers, code and stack, each under a heading (the caller says why it stopped)."""
     out = Styled()
-    out.extend(why)
     sections: list[tuple[str, Callable[[], Styled]]] = [
         ("registers", lambda: render_registers_compact(regs, changed)),
         ("code", lambda: render_code(read, regs["rip"], symbols, code, syntax)),
         ("stack", lambda: render_stack(read, regs["rsp"], symbols, stack)),
     ]
-    for title, render in sections:
-        out.newline().add(f"── {title} ", "heading").add("─" * (60 - len(title)), "heading")
+    for i, (title, render) in enumerate(sections):
+        if i:
+            out.newline()
+        out.add(f"── {title} ", "heading").add("─" * (60 - len(title)), "heading")
         try:
             out.newline().extend(render())
         except KctxError as e:

@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_trap_fixtures import enter_handler, symbols
 
-from kctx_debug.pagetables.context import KernelContext
+from kctx_debug.emulator.machine import Machine
+from kctx_debug.pagetables.context import KernelContext, open_context
 from kctx_debug.snapshot_io import parse_snapshot
+from kctx_debug.traps.debugger import Debugger
 
 pytestmark = [
     pytest.mark.slow,
@@ -172,7 +175,8 @@ def assemble_stub(doc: dict, workdir: Path) -> bytes:
     (workdir / "stub.S").write_text("\n".join(lines) + "\n")
     subprocess.run(["as", "--64", "-o", "stub.o", "stub.S"], check=True, cwd=workdir)
     subprocess.run(
-        ["ld", "-Ttext", hex(STUB_VA), "-e", hex(STUB_VA), "--build-id=none", "-nostdlib", "-o", "stub.elf", "stub.o"],
+        ["ld", "-Ttext", hex(STUB_VA), "-e", hex(STUB_VA), "--build-id=none", "-nostdlib",
+         "-o", "stub.elf", "stub.o"],
         check=True, cwd=workdir,
     )  # fmt: skip
     subprocess.run(["objcopy", "-O", "binary", "stub.elf", "stub.bin"], check=True, cwd=workdir)
@@ -227,7 +231,7 @@ def qemu_at_entry(name: str, workdir: Path) -> Iterator[GdbRemote]:
             ("cr0", cpu["cr0"]),
         ):
             gdb.write_register(reg, int(value, 16))
-        kernel_cs, kernel_ss = (int(cpu["msrs"]["star"], 16) >> 32) & 0xFFFF, None
+        kernel_cs = (int(cpu["msrs"]["star"], 16) >> 32) & 0xFFFF
         kernel_ss = kernel_cs + 8  # SDM vol. 2B SYSCALL: SS = STAR[47:32] + 8
         gdb.write_register("cs", kernel_cs)
         gdb.write_register("ss", kernel_ss)
@@ -266,3 +270,49 @@ def qemu_entries(gdb: GdbRemote, handler: int, hits: int, words: int) -> list[Ha
         regs = {r: gdb.read_register("eflags" if r == "rflags" else r) for r in FRAME_REGS}
         out.append(HandlerEntry(rsp, frame, gdb.read_register("cr2"), regs))
     return out
+
+
+def our_entries(name: str, handler: int, hits: int, words: int) -> list[HandlerEntry]:
+    ctx = open_context(TRAPS / f"{name}.json")
+    try:
+        dbg = Debugger(Machine.from_context(ctx))
+        m = dbg.machine
+        out = []
+        for _ in range(hits):
+            enter_handler(dbg, handler)
+            rsp = m.reg_read("rsp")
+            frame = struct.unpack(f"<{words}Q", dbg.read_virtual(rsp, 8 * words)) if words else ()
+            regs = {r: m.reg_read(r) for r in FRAME_REGS}
+            out.append(HandlerEntry(rsp, frame, m.reg_read("cr2"), regs))
+        return out
+    finally:
+        ctx.close()
+
+
+def without_rf(entry: HandlerEntry, words: int) -> HandlerEntry:
+    """The entry with RF cleared in the pushed RFLAGS (QEMU 7.2 never sets it)."""
+    frame = list(entry.frame)
+    if words:
+        frame[words - 3] &= ~RF  # RFLAGS is the third quadword from the top of the frame
+    return HandlerEntry(entry.rsp, tuple(frame), entry.cr2, entry.regs)
+
+
+@pytest.mark.parametrize(
+    ("name", "handler", "hits", "words"),
+    [
+        ("int3", "bp_handler", 3, 5),
+        ("pagefault", "pf_handler", 2, 6),
+        ("doublefault", "df_handler", 1, 6),
+        ("syscall", "syscall_entry", 2, 0),
+    ],
+)
+def test_handler_entry_matches_qemu(
+    tmp_path: Path, name: str, handler: str, hits: int, words: int
+) -> None:
+    address = symbols(name)[handler]
+    ours = our_entries(name, address, hits, words)
+    with qemu_at_entry(name, tmp_path) as gdb:
+        theirs = qemu_entries(gdb, address, hits, words)
+    assert [without_rf(e, words) for e in ours] == [without_rf(e, words) for e in theirs]
+    # Sanity: the comparison saw real frames (RSP in the kernel, CS the kernel's).
+    assert all(e.regs["cs"] == 0x10 and e.regs["rip"] == address for e in theirs)

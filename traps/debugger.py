@@ -91,6 +91,7 @@ class Debugger:
         self.env = DebuggerEnv(self)
         self._stop_requested = threading.Event()
         self._shadow = False  # the instruction after STI: interrupts still inhibited
+        self._resume_at: int | None = None  # step over a breakpoint here, once
 
     # -- memory --------------------------------------------------------------------------
 
@@ -229,7 +230,10 @@ class Debugger:
         slot = self.machine.reg_read("rbp" if frame_pointer else "rsp") + (
             _QWORD if frame_pointer else 0
         )
-        ret = int.from_bytes(self.read_virtual(slot, _QWORD), "little")
+        try:
+            ret = int.from_bytes(self.read_virtual(slot, _QWORD), "little")
+        except KctxError as e:
+            raise CommandError(f"cannot read the return address at {slot:#x}: {e}") from None
         return self._run(until=ret, frame=slot + _QWORD)
 
     # -- the loop --------------------------------------------------------------------------
@@ -253,6 +257,9 @@ class Debugger:
         machine = self.machine
         start, deadline = machine.icount, None if timeout is None else time.monotonic() + timeout
         must_step = False
+        # A breakpoint under RIP where the command starts is stepped over (the user is
+        # resuming from it); one reached while running (a jump, a delivery) is a hit.
+        self._resume_at = machine.reg_read("rip")
         if self.pending_trap is not None:
             trap, self.pending_trap = self.pending_trap, None
             stopped = self._deliver(trap, announced=True)
@@ -280,19 +287,21 @@ class Debugger:
                 if frame is None or machine.reg_read("rsp") >= frame:
                     return self._stop(StopKind.UNTIL)
                 must_step = True  # a deeper frame reached the address: keep going
-            phys = self.breakpoints.phys_at(rip)
+            phys = self.breakpoints.phys_at(rip) if rip == self._resume_at else None
+            self._resume_at = None
             if stepping or phys is not None:
                 self._shadow = bool(self.pending_interrupts) and self._at_sti(rip)
                 event = self._step(rip, phys)
                 must_step = False
             else:
+                phys, self._shadow = None, False
                 event = machine.run(until=until, count=budget, timeout=remaining_time)
             self.last_stop = event
             if event.kind is StopKind.UNTIL and frame is not None:
                 if machine.reg_read("rsp") < frame:
                     must_step = True  # a deeper frame reached the address: keep going
                     continue
-            stopped = self._handle(event)
+            stopped = self._handle(event, lifted=phys)
             if stopped is not None:
                 return stopped
 
@@ -312,15 +321,19 @@ class Debugger:
         finally:
             self.breakpoints.rearm(phys, rip)
 
-    def _handle(self, event: StopEvent) -> TrapEvent | None:
-        """The event to stop with, or None to keep running."""
+    def _handle(self, event: StopEvent, lifted: int | None = None) -> TrapEvent | None:
+        """The event to stop with, or None to keep running.
+
+        ``lifted``: the breakpoint byte the event's instruction ran with its original
+        byte (an int3 of the guest's own under our breakpoint traps as the guest's).
+        """
         kind = event.kind
         hits = self.watchpoints.take_hits()
         if kind is StopKind.HOOK:
             return self._watch_stop(hits)
         if kind is StopKind.BREAKPOINT and event.pc is not None:
             phys = self.breakpoints.phys_at(event.pc)
-            if phys is not None:
+            if phys is not None and phys != lifted:
                 return self._breakpoint(event.pc, phys)
         if kind in (StopKind.BREAKPOINT, StopKind.EXCEPTION):
             return self._raise(trap_from_stop(self.machine, event))
@@ -349,6 +362,7 @@ class Debugger:
                 bp.hits += 1
                 stopping.append(bp)
         if not stopping:
+            self._resume_at = pc  # the condition was false: go on from here
             return None
         first = stopping[0]
         event = self._emit(TrapKind.BREAKPOINT, name=f"breakpoint {first.number}", rip=pc)
@@ -400,6 +414,9 @@ class Debugger:
             self.message = f"cannot deliver {trap.name}: {e}"
             return self._stop(StopKind.ERROR)
         chain = result.chain
+        if trap.source is TrapSource.SOFTWARE and len(chain) > 1:
+            # int n / int3 whose delivery faulted is itself a fault: it did not retire.
+            self.machine.runner.icount -= 1
         undelivered = chain if isinstance(result, TripleFault) else chain[:-1]
         for raised in undelivered[1 if announced else 0 :]:
             self._trap_event(raised, before, None)

@@ -40,7 +40,7 @@ from kctx_debug.arch.tss import TSS64_SIZE, Tss64
 from kctx_debug.arch.vectors import Vector, pushes_error_code
 from kctx_debug.errors import CommandError, KctxError
 from kctx_debug.pagetables.entry import PagingMode
-from kctx_debug.pagetables.walk import Access, AccessKind, WalkResult
+from kctx_debug.pagetables.walk import Access, AccessKind, CpuPagingState, WalkResult, translate
 from kctx_debug.physmem import PAGE_SIZE
 from kctx_debug.snapshot import Segment
 
@@ -183,6 +183,10 @@ class TrapMachine(Protocol):
     def reg_read(self, name: str) -> int: ...
     def reg_write(self, name: str, value: int) -> None: ...
     def table_register(self, name: str) -> Segment: ...
+    @property
+    def memory(self) -> object: ...  # machine-physical memory, as the walker reads it
+    @property
+    def paging(self) -> CpuPagingState: ...
     def translate(self, va: int, access: Access | None = None) -> WalkResult: ...
     def read_physical(self, address: int, size: int) -> bytes: ...
     def write_virtual(self, va: int, data: bytes) -> None: ...
@@ -332,6 +336,21 @@ def _check_pushes(machine: TrapMachine, top: int, size: int, user: bool, ext: bo
         checked_page = page
 
 
+class _Planning:
+    """The machine while a delivery is planned (nothing changes): every walk uses the
+    paging state read once, instead of reading the registers again for each."""
+
+    def __init__(self, machine: TrapMachine) -> None:
+        self._machine = machine
+        self._paging = machine.paging
+
+    def __getattr__(self, name: str):
+        return getattr(self._machine, name)
+
+    def translate(self, va: int, access: Access | None = None) -> WalkResult:
+        return translate(self._machine.memory, va, self._paging, access)
+
+
 def _plan(machine: TrapMachine, trap: Trap) -> _Plan:
     ext = trap.source.ext
     gate = _gate(machine, trap)
@@ -360,7 +379,7 @@ def _plan(machine: TrapMachine, trap: Trap) -> _Plan:
     _check_pushes(machine, top, frame.size, user=target_cpl == 3, ext=ext)
     new_flags = int(rflags & ~_CLEARED_FLAGS)
     if gate.is_interrupt_gate:
-        new_flags &= ~RFLAGS.IF
+        new_flags &= ~int(RFLAGS.IF)
     # On a privilege change SS becomes a null selector with RPL = the new CPL (6.14.4).
     ss = target_cpl if target_cpl != cpl else machine.reg_read("ss")
     return _Plan(
@@ -399,7 +418,7 @@ def deliver(machine: TrapMachine, trap: Trap) -> Delivery | TripleFault:
     cpl_before = machine.cpl
     while True:
         try:
-            plan = _plan(machine, current)
+            plan = _plan(_Planning(machine), current)  # type: ignore[arg-type]
             break
         except _Fault as fault:
             reasons.append(f"delivering {current.name}: {fault.reason}")
