@@ -21,7 +21,7 @@ from .errors import CommandError, KctxError
 __all__ = ["demo_snapshot_path", "main"]
 
 PROG = "kctx-debug"
-VERBS = ("ptdump", "translate", "import", "capture")
+VERBS = ("ptdump", "translate", "import", "capture", "record", "replay")
 
 
 def demo_snapshot_path() -> Path:
@@ -78,17 +78,6 @@ def _open(args: argparse.Namespace):
     return open_context(
         path, allow_outside=args.allow_outside_paths, cpu=args.cpu, symbols=args.symbols
     )
-
-
-def _cmd_summary(args: argparse.Namespace) -> int:
-    from .repl.summary import describe_context
-
-    ctx = _open(args)
-    try:
-        print(describe_context(ctx))
-    finally:
-        ctx.close()
-    return 0
 
 
 def _cmd_ptdump(args: argparse.Namespace) -> int:
@@ -153,12 +142,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     _add_snapshot_args(main, optional=True)
     main.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    main.add_argument("--batch", action="store_true", help="run commands without a prompt")
-    main.add_argument("-ex", dest="commands", action="append", default=[], metavar="CMD",
-                      help="run CMD (repeatable)")  # fmt: skip
-    main.add_argument("-x", dest="scripts", action="append", default=[], metavar="FILE",
-                      help="run the commands in FILE")  # fmt: skip
-    main.set_defaults(func=_cmd_summary)
+    from .repl.main import add_repl_arguments, repl_main
+
+    add_repl_arguments(main)
+    main.set_defaults(func=repl_main)
 
     verbs: dict[str, argparse.ArgumentParser] = {}
     p = verbs["ptdump"] = _Parser(
@@ -198,6 +185,19 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         description="Capture a running process into a kernel-context snapshot (ptrace).",
     )
     add_capture_arguments(p)
+
+    from .traps.replay import add_record_arguments, add_replay_arguments
+
+    p = verbs["record"] = _Parser(
+        prog=f"{PROG} record",
+        description="Run a snapshot with every trap delivered and record the trap log.",
+    )
+    add_record_arguments(p)
+    p = verbs["replay"] = _Parser(
+        prog=f"{PROG} replay",
+        description="Re-run a recorded trace; exit 1 with the first divergent event and field.",
+    )
+    add_replay_arguments(p)
     return main, verbs
 
 

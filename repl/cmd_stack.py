@@ -56,10 +56,11 @@ def idt_handlers(session: Session) -> dict[int, tuple[str, bool]]:
 def bt_command(session: Session, args: Args) -> Output:
     """Show the call stack, innermost frame first, each PC symbolized.
 
-    Frames are unwound with CFI from `.eh_frame` when the snapshot's symbols come
-    from an ELF that has one, else with frame pointers (RBP chain), with a function's
-    first instruction (and the one after `push rbp`) handled specially. An interrupt
-    handler's caller is the interrupted context, read from the CPU's trap frame.
+    Each frame is unwound with CFI from `.eh_frame` when the snapshot's symbols come
+    from an ELF that has one; else, for the innermost frame, from the prologue (the
+    pushes and `sub rsp` between the function's start and RIP); else with frame
+    pointers (the RBP chain). An interrupt handler's caller is the interrupted
+    context, read from the trap frame the CPU pushed.
     """
     limit = MAX_FRAMES if args.limit is None else args.limit
     if not 0 < limit <= MAX_FRAMES:

@@ -25,6 +25,7 @@ from .styled import Styled, join_lines
 __all__ = ["COMMANDS"]
 
 _JSON = Flag("json", "print one JSON document")
+_DEFAULT_GROUPS = ("general", "segment", "control", "table")
 _GROUP_ALIASES = {"gp": "general", "seg": "segment", "cr": "control", "msrs": "msr"}
 
 
@@ -38,7 +39,10 @@ _GROUP_ALIASES = {"gp": "general", "seg": "segment", "cr": "control", "msrs": "m
     dont_repeat=True,
 )
 def info_registers(session: Session, args: Args) -> Output:
-    """Show registers: general (default), segment, control, table, msr, all, or by name.
+    """Show registers: general, segment, control, table, msr, all, or by name.
+
+    With no argument: general, segment, control and table registers, as QEMU's
+    ``info registers`` shows them (CR3, GDTR, IDTR and TR included).
 
     Segment registers show the hidden base, limit and attributes (from the snapshot,
     or on a machine from the descriptor the selector names in the current GDT).
@@ -47,7 +51,7 @@ def info_registers(session: Session, args: Args) -> Output:
     """
     target = session.target
     cpu = target.cpu
-    words = (args.what or "").replace(",", " ").split() or ["general", "segment"]
+    words = (args.what or "").replace(",", " ").split() or list(_DEFAULT_GROUPS)
     if args.json:
         return json.dumps(_registers_json(session, words), indent=1)
     changed = session.changed_registers()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CommandError, KctxError
-from ..pagetables.context import KernelContext
+from ..pagetables.context import KernelContext, open_context
 from ..symbols import SymbolTable
 from .formats import DEFAULT_FORMAT, XFormat
 from .target import MachineTarget, SnapshotTarget, Target
@@ -91,7 +91,6 @@ class Session:
     _machine: Machine | None = None
     _debugger: Debugger | None = None
     _registers_before: dict[str, int] = field(default_factory=dict)
-    _machine_factory: Callable[[KernelContext], Machine] | None = None
     _cfi: list[CfiTable] | None = None
 
     def __post_init__(self) -> None:
@@ -111,8 +110,6 @@ class Session:
 
         :raises KctxError: the snapshot cannot be loaded.
         """
-        from ..pagetables.context import open_context
-
         ctx = open_context(path, allow_outside=allow_outside, cpu=cpu, symbols=symbols)
         return cls(ctx, source=Path(path))
 
@@ -129,13 +126,10 @@ class Session:
         :raises CommandError: the snapshot's state cannot be loaded into Unicorn.
         """
         if self._machine is None:
-            try:
-                if self._machine_factory is not None:
-                    machine = self._machine_factory(self.context)
-                else:
-                    from ..emulator.machine import Machine
+            from ..emulator.machine import Machine
 
-                    machine = Machine.from_context(self.context)
+            try:
+                machine = Machine.from_context(self.context)
             except KctxError as e:
                 raise CommandError(f"cannot build a machine from this snapshot: {e}") from None
             self._machine = machine
@@ -162,12 +156,19 @@ class Session:
         """What inspection reads: the machine once built, else the snapshot."""
         if self._machine is None:
             return SnapshotTarget(self.context)
-        reader = getattr(self._debugger, "read_virtual", None)
-        return MachineTarget(self._machine, reader)
+        if self._debugger is None:
+            return MachineTarget(self._machine)
+        return MachineTarget(self._machine, self._debugger.read_virtual, self._patched_bytes)
+
+    def _patched_bytes(self) -> dict[int, int]:
+        """Physical bytes holding our int3 -> the guest's original byte."""
+        assert self._debugger is not None
+        table = self._debugger.breakpoints
+        return {bp.phys: table.original_byte(bp.phys) for bp in table if table.is_patched(bp.phys)}
 
     def interrupt(self) -> None:
         """Stop a run in progress (Ctrl-C); thread- and signal-safe, a no-op when idle."""
-        if self._debugger is not None and hasattr(self._debugger, "stop"):
+        if self._debugger is not None:
             self._debugger.stop()
         elif self._machine is not None:
             self._machine.stop()
@@ -189,10 +190,6 @@ class Session:
         """Record the general registers before a run, so the stop can show what changed."""
         if self._machine is not None:
             self._registers_before = self._machine.registers()
-
-    @property
-    def registers_before(self) -> dict[str, int]:
-        return self._registers_before
 
     def cfi_tables(self) -> list[CfiTable]:
         """The ``.eh_frame`` tables of the snapshot's ELF symbol sources (read once).
@@ -253,9 +250,8 @@ class Session:
         Through the debugger when it exists, so a breakpoint's saved byte is what
         changes under an inserted int3.
         """
-        writer = getattr(self._debugger, "write_virtual", None)
-        if writer is not None:
-            writer(address, data)
+        if self._debugger is not None:
+            self._debugger.write_virtual(address, data)
         else:
             self.target.write_virtual(address, data)
 

@@ -1,6 +1,6 @@
-"""A plain-text overview of a kernel context: registers and decoded GDT/IDT/TSS.
+"""Decoded GDT, IDT and TSS of a kernel context, as text and as JSON.
 
-``kctx-debug summary``-style output and the REPL's ``info gdt``/``info idt``/``info tss``
+The REPL's ``info gdt``/``info idt``/``info tss``
 render the same pieces. Every function takes a :class:`ContextView`: a
 :class:`~kctx_debug.pagetables.context.KernelContext`, or any object with the same
 ``mem``, ``cpu``, ``virt_to_phys`` and ``symbols`` (the REPL's view of a running
@@ -11,34 +11,26 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..arch.bits import CR0, CR4, EFER, RFLAGS, describe_flags
 from ..arch.descriptors import (
     SegmentDescriptor,
-    Selector,
     SystemDescriptor,
-    describe_selector,
 )
 from ..arch.vectors import exception_name
 from ..errors import KctxError
-from ..pagetables.context import KernelContext
-from ..snapshot import GENERAL_REGISTERS, SEGMENT_REGISTERS, CpuState, Segment
+from ..snapshot import CpuState
 from ..symbols import SymbolTable
 from ..tables import GdtEntry, IdtEntry, decode_gdt, decode_idt, decode_tss
 
 __all__ = [
     "ContextView",
-    "describe_context",
     "describe_gdt",
     "describe_idt",
     "describe_idt_entry",
-    "describe_registers",
     "describe_tss_block",
     "gdt_to_json",
     "idt_to_json",
     "tss_to_json",
 ]
-
-_FLAG_TYPES = {"cr0": CR0, "cr4": CR4}
 
 
 class ContextView(Protocol):
@@ -51,45 +43,6 @@ class ContextView(Protocol):
     @property
     def symbols(self) -> SymbolTable: ...
     def virt_to_phys(self, va: int) -> int: ...
-
-
-def _segment(name: str, seg: Segment) -> str:
-    text = f"{name:<5}{describe_selector(Selector.from_int(seg.selector))}"
-    if seg.base is not None:
-        text += f" base={seg.base:#x}"
-    if seg.limit is not None:
-        text += f" limit={seg.limit:#x}"
-    if seg.attributes is not None:
-        text += f" attr={seg.attributes:#x}"
-    return text
-
-
-def describe_registers(ctx: KernelContext) -> str:
-    cpu = ctx.cpu
-    lines = []
-    names = GENERAL_REGISTERS[:-2]
-    for i in range(0, len(names), 4):
-        lines.append("  ".join(f"{n:<3} {cpu.regs.get(n, 0):#018x}" for n in names[i : i + 4]))
-    rip = cpu.regs.get("rip", 0)
-    lines.append(f"rip {rip:#018x} {_symbol(ctx, rip)}")
-    rflags = cpu.regs.get("rflags", 0)
-    lines.append(f"rflags {rflags:#x} [{describe_flags(rflags, RFLAGS)}]")
-    for name in SEGMENT_REGISTERS:
-        if name in cpu.segments:
-            lines.append(_segment(name, cpu.segments[name]))
-    for name in ("cr0", "cr2", "cr3", "cr4", "cr8"):
-        value = getattr(cpu, name)
-        decoded = f" [{describe_flags(value, _FLAG_TYPES[name])}]" if name in _FLAG_TYPES else ""
-        lines.append(f"{name:<5}{value:#018x}{decoded}")
-    for name, value in cpu.msrs.items():
-        decoded = f" [{describe_flags(value, EFER)}]" if name == "efer" else ""
-        lines.append(f"{name:<15}{value:#018x}{decoded}")
-    lines.append(f"gdtr base={cpu.gdtr.base:#x} limit={cpu.gdtr.limit:#x}")
-    lines.append(f"idtr base={cpu.idtr.base:#x} limit={cpu.idtr.limit:#x}")
-    lines.append(_segment("tr", cpu.tr))
-    lines.append(_segment("ldtr", cpu.ldtr))
-    lines.append(f"CPL {cpu.cpl}, {ctx.mode.name} paging")
-    return "\n".join(lines)
 
 
 def _symbol(ctx: ContextView, address: int) -> str:
@@ -190,18 +143,3 @@ def tss_to_json(ctx: ContextView) -> dict[str, Any]:
         "ist": list(tss.ist),
         "iomap_base": tss.iomap_base,
     }
-
-
-def describe_context(ctx: KernelContext) -> str:
-    """Registers, then each descriptor table; a table that cannot be read says why."""
-    src = ctx.snapshot.source
-    title = src.get("description") or src.get("tool") or "snapshot"
-    parts = [f"== {title}", describe_registers(ctx)]
-    tables = (("GDT", describe_gdt), ("IDT", describe_idt), ("TSS", describe_tss_block))
-    for heading, render in tables:
-        try:
-            body = render(ctx)
-        except KctxError as e:
-            body = f"(unreadable: {e})"
-        parts.append(f"== {heading}\n{body}")
-    return "\n".join(parts)

@@ -132,7 +132,8 @@ class SnapshotTarget:
 
 class MachineTarget:
     """The machine's current state; reads go through ``read_virtual`` (the debugger's,
-    which shows the original bytes under breakpoints) when one is given."""
+    which shows the original bytes under breakpoints) when one is given, and physical
+    reads show ``originals()`` (patched physical byte -> the guest's byte)."""
 
     kind = "machine"
 
@@ -140,9 +141,11 @@ class MachineTarget:
         self,
         machine: Machine,
         read_virtual: Callable[[int, int], bytes] | None = None,
+        originals: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self.machine = machine
         self._read_virtual = read_virtual or machine.read_virtual
+        self._originals = originals
 
     @property
     def cpu(self) -> CpuState:
@@ -180,7 +183,16 @@ class MachineTarget:
         self.machine.write_virtual(va, data)
 
     def read_physical(self, address: int, size: int) -> bytes:
-        return self.machine.read_physical(address, size)
+        """Machine-physical bytes, breakpoints' int3 replaced by the guest's own bytes."""
+        data = self.machine.read_physical(address, size)
+        patched = self._originals() if self._originals is not None else {}
+        if not any(address <= phys < address + size for phys in patched):
+            return data
+        out = bytearray(data)
+        for phys, byte in patched.items():
+            if address <= phys < address + size:
+                out[phys - address] = byte
+        return bytes(out)
 
     def write_physical(self, address: int, data: bytes) -> None:
         self.machine.write_physical(address, data)

@@ -76,16 +76,22 @@ def test_translate_json(capsys):
     assert [s["level"] for s in doc["steps"]] == ["PML4E", "PDPTE", "PDE", "PTE"]
 
 
-def test_summary_shows_registers_and_tables(capsys):
-    code, out, _err = run(capsys, DEMO)
-    assert code == 0
-    assert "rip 0x0000000000400000 <user_start>" in out
-    assert "cr3  0x0000000000100000" in out
-    assert "gdtr base=0xfffffe0000001000 limit=0x7f" in out
-    assert (
-        "0x03 #BP         int-gate sel=0x0010 off=0xffffffff81000000 ist=0 dpl=3 P <bp_handler>"
-        in out
+def test_batch_info_commands(capsys):
+    code, out, _ = run(
+        capsys,
+        DEMO,
+        "--batch",
+        "-ex",
+        "info registers rip cr3",
+        "-ex",
+        "info idt 3",
+        "-ex",
+        "info tss",
     )
+    assert code == 0
+    assert "0x0000000000400000 <user_start>" in out
+    assert "0x0000000000100000" in out
+    assert "bp_handler" in out and "dpl=3" in out
     assert "rsp0  0xffffc90000004000" in out
 
 

@@ -251,16 +251,20 @@ def _elf_read_phys(core: Path, phys: int, size: int) -> bytes:
 
 
 def test_cli_opens_the_dump(guest: GuestDump) -> None:
-    """`kctx-debug vmcore.elf` prints the dump's CR3, IDTR, GDTR and TR; `import` converts it."""
+    """`kctx-debug vmcore --batch -ex "info registers"` shows CR3, IDTR, GDTR and TR; `import`."""
     snap = read_qemu_dump(guest.core)
+    cpu = snap.cpu
     run = [sys.executable, "-m", "kctx_debug.cli"]
-    out = subprocess.run([*run, str(guest.core), "--symbols", str(guest.kallsyms_path)],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert f"cr3  {snap.cpu.cr3:#018x}" in out
-    assert f"idtr base={snap.cpu.idtr.base:#x} limit={snap.cpu.idtr.limit:#x}" in out
-    assert f"gdtr base={snap.cpu.gdtr.base:#x} limit={snap.cpu.gdtr.limit:#x}" in out
-    assert f"tr   0x0040 (GDT[8] RPL0) base={snap.cpu.tr.base:#x}" in out
-    assert "<asm_exc_page_fault>" in out
+    out = subprocess.run(
+        [*run, str(guest.core), "--symbols", str(guest.kallsyms_path), "--batch",
+         "-ex", "info registers", "-ex", "info idt 14"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert f"cr3            {cpu.cr3:#018x}" in out
+    assert f"gdtr           base={cpu.gdtr.base:#x} limit={cpu.gdtr.limit:#x}" in out
+    assert f"idtr           base={cpu.idtr.base:#x} limit={cpu.idtr.limit:#x}" in out
+    assert f"tr             0x0040 (GDT[8] RPL0)  base={cpu.tr.base:#x}" in out
+    assert "asm_exc_page_fault" in out
     doc = guest.core.with_name("cli.json")
     subprocess.run([*run, "import", str(guest.core), "-o", str(doc)], check=True)
     dump = subprocess.run([*run, "ptdump", str(doc), "--json"], capture_output=True, text=True,

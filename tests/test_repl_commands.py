@@ -180,6 +180,10 @@ def test_xp_reads_physical_memory(demo):
     )
     assert demo("xp/1gx 0x300000") == "0x300000:\t0x48000000" + "01c0c748"
     assert demo("xp/1xb 0x30000e") == "0x30000e:\t0xcc"
+    # A breakpoint's int3 is not shown: `add rax, rax` starts with REX.W 0x48.
+    demo("break user_start + 0xf")
+    assert demo("xp/2xb 0x30000e") == "0x30000e:\t0xcc\t0x48"
+    assert demo.session.machine.read_physical(0x30000F, 1) == b"\xcc"
 
 
 def test_disassemble_with_symbols(demo):
@@ -307,6 +311,28 @@ def test_break_continue_shows_the_trap_frame(demo):
     # Second hit: rax doubled once, rbx decremented once, the first handler counted.
     assert (demo.value("$rax"), demo.value("$rbx"), demo.value("*(u64*)bp_count")) == (2, 0xFFF, 1)
     assert json.loads(demo("info breakpoints --json"))[0]["hits"] == 2
+
+
+def test_break_at_the_handler_entry_shows_the_cpu_frame(demo):
+    demo("break bp_handler")
+    assert demo("continue").splitlines()[1] == "Breakpoint 1 at 0xffffffff81000000 <bp_handler>"
+    # On RSP0 (16-byte aligned): SS, RSP, RFLAGS, CS, then RIP after the int3.
+    assert demo("x/8gx $rsp").splitlines() == [
+        "0xffffc90000003fd8:\t0x000000000040000f\t0x0000000000000033",
+        "0xffffc90000003fe8:\t0x0000000000000202\t0x00007ffffffffff0",
+        "0xffffc90000003ff8:\t0x000000000000002b\t0x0000000000000000",
+        "0xffffc90000004008:\t0x0000000000000000\t0x0000000000000000",
+    ]
+    regs = demo("info registers segment").splitlines()
+    # The hidden part comes from the GDT entry CS names (make_demo.py: code64, DPL0).
+    assert regs[0] == (
+        "cs             0x0010 (GDT[2] RPL0)  base=0x0 limit=0xffffffff "
+        "attr=0xa09b code64 DPL0 P G L"
+    )
+    # A privilege change loads SS with a null selector (SDM vol. 3A 6.14.2).
+    assert regs[5] == "ss             0x0000 (null)"
+    # An interrupt gate clears IF; only the fixed bit 1 is left.
+    assert demo("info registers rflags") == "rflags         0x0000000000000002  [ ]"
 
 
 def test_conditional_temporary_disabled_breakpoints(demo):

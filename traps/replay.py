@@ -402,6 +402,10 @@ def _injection(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected ICOUNT:VECTOR, got {text!r}") from None
 
 
+# Bounds a CLI recording of code that never stops: about a second of emulation.
+DEFAULT_RECORD_BUDGET = 100_000_000
+
+
 def add_record_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``record`` verb: ``record SNAPSHOT -o TRACE [--break A] [--until A] [--inject N:V]``."""
     parser.add_argument("snapshot", help="snapshot document (kctx JSON)")
@@ -430,7 +434,12 @@ def add_record_arguments(parser: argparse.ArgumentParser) -> None:
         help="deliver VECTOR when ICOUNT instructions have run (repeatable)",
     )
     parser.add_argument("--max-events", type=int, default=100_000, help="stop after N events")
-    parser.add_argument("--budget", type=int, help="stop after N guest instructions")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=DEFAULT_RECORD_BUDGET,
+        help="stop after N guest instructions (default %(default)s, so a loop cannot run forever)",
+    )
     parser.set_defaults(func=record_main)
 
 
