@@ -18,19 +18,32 @@
   context; :func:`clear_exception_in_flight` rewrites it (save, patch, restore).
 - The ``until`` address is therefore never used (:func:`disable_exits`); runs stop
   at an address with a code hook bounded to it.
+- RAM offsets. Each ``mem_map``/``mem_map_ptr`` region gets a ``ram_addr`` range,
+  and QEMU finds translated code by ``ram_addr``. Unicorn 2.1 places a new region
+  after the *tail* of its RAM list (``find_ram_offset_last``), which it keeps sorted
+  largest first, but inserting a larger region in the middle leaves the tail where
+  it was: the next region then shares ``ram_addr`` pages with the larger one. A
+  store to such a page looks like self-modifying code to QEMU when code was
+  translated from its twin: the current block is invalidated and the instruction
+  restarted, so the counting hook sees it twice (measured: a ``call`` pushing onto
+  a stack page whose twin holds the call itself was counted twice).
+  :func:`map_host_ranges` maps regions largest first, so each one goes at the tail
+  and the ranges do not overlap.
 """
 
 from __future__ import annotations
 
 import ctypes
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_MODE_64, Uc, UcError
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as x86
 
 from ..arch.vectors import Vector
 from ..errors import KctxError
+from ..physmem import HostRange
 
 __all__ = [
     "EmulatorError",
@@ -38,6 +51,7 @@ __all__ = [
     "InstructionCounter",
     "clear_exception_in_flight",
     "disable_exits",
+    "map_host_ranges",
     "probe_engine_layout",
 ]
 
@@ -123,6 +137,15 @@ def disable_exits(uc: Uc) -> None:
     """Make ``emu_start`` ignore its ``until`` argument (see the module docstring)."""
     uc.ctl_exits_enabled(True)
     uc.ctl_set_exits([])
+
+
+def map_host_ranges(uc: Uc, ranges: Iterable[HostRange]) -> None:
+    """``mem_map_ptr`` every range, largest first (see the module docstring: RAM offsets).
+
+    Only right for a fresh engine: after an unmap Unicorn searches for gaps instead.
+    """
+    for host in sorted(ranges, key=lambda r: -r.size):  # stable: equal sizes keep order
+        uc.mem_map_ptr(host.base, host.size, UC_PROT_ALL, host.address)
 
 
 def probe_engine_layout() -> EngineLayout:

@@ -5,8 +5,9 @@
 StopEvent(kind=<StopKind.BUDGET: 'budget'>, rip=..., icount=1000, executed=1000, ...)
 
 Building (:meth:`Machine.from_context`): the snapshot's physical memory is mapped
-into Unicorn over the same host buffers (``mem_map_ptr``, no copy; ranges above
-Unicorn's 40-bit limit are moved, see :mod:`.relocate`), then CR3/CR4/EFER/CR0,
+into Unicorn over the same host buffers (``mem_map_ptr``, no copy, largest first:
+see :func:`.engine.map_host_ranges`; ranges above Unicorn's 40-bit limit are moved,
+see :mod:`.relocate`), then CR3/CR4/EFER/CR0,
 CR2, CR8, the MSRs, PKRU, GDTR/IDTR/TR/LDTR, the segment registers and the general
 registers are loaded, paging on, so code runs at the snapshot's virtual addresses.
 
@@ -37,7 +38,6 @@ from unicorn import (
     UC_HOOK_MEM_WRITE,
     UC_MEM_WRITE,
     UC_MODE_64,
-    UC_PROT_ALL,
     Uc,
     UcError,
 )
@@ -52,17 +52,17 @@ from ..pagetables.entry import ADDRESS_MASK, PagingMode, paging_mode
 from ..pagetables.walk import Access, AccessKind, CpuPagingState, WalkResult, translate
 from ..physmem import PAGE_SIZE
 from ..snapshot import GENERAL_REGISTERS, Segment
+from .carry import CarriedState
 from .control import Runner, StopEvent
-from .engine import EmulatorError, probe_engine_layout
+from .engine import EmulatorError, map_host_ranges, probe_engine_layout
 from .privilege import (
     DATA_SEGMENTS,
     TRAMPOLINE_PAGES,
+    PageReader,
     Trampoline,
     descriptor_from_attributes,
     flat_descriptor,
     guest_descriptor,
-    restore_carried,
-    save_carried,
     star_selectors,
 )
 from .registers import (
@@ -155,6 +155,7 @@ class Machine:
         self._pkru_shadow = 0
         self._selectors = star_selectors(ctx.cpu.msrs.get("star", 0))
         self._template0 = None
+        self._carried = CarriedState(uc)
         self._watch: TableWatch | None = None
         self.report: MachineReport | None = None
 
@@ -171,8 +172,7 @@ class Machine:
         space = build_address_space(ctx.mem, ctx.cpu.cr3, mode, TRAMPOLINE_PAGES)
         uc = Uc(UC_ARCH_X86, UC_MODE_64, cpu_model)
         keepalive = space.memory.host_ranges()
-        for host in keepalive:
-            uc.mem_map_ptr(host.base, host.size, UC_PROT_ALL, host.address)
+        map_host_ranges(uc, keepalive)
         machine = cls(ctx, uc, space, [keepalive])
         machine._load_state()
         machine.report = MachineReport(
@@ -359,19 +359,22 @@ class Machine:
     def _switch(
         self, rip: int, cs: int, rflags: int | None, rsp: int, ss: int, via_template: bool
     ) -> None:
-        carried = save_carried(self.uc)
+        carried = self._carried
+        carried.save()
+        data_segments = carried.data_segments()
+        rflags = carried["rflags"] if rflags is None else rflags
         pkru = self._get_pkru()
         if via_template:
             self.uc.context_restore(self._template0)
-            restore_carried(self.uc, carried)
+            carried.restore()
             if self._get_pkru() != pkru:
                 self._set_pkru(pkru)
         gdtr = self.uc.reg_read(x86.UC_X86_REG_GDTR)
-        cs_desc = guest_descriptor(self.read_virtual, gdtr, cs, "code64")
-        ss_desc = guest_descriptor(self.read_virtual, gdtr, ss, "data")
-        rflags = carried["rflags"] if rflags is None else rflags
+        read = PageReader(self.read_virtual)  # CS and SS: usually one GDT page, one walk
+        cs_desc = guest_descriptor(read, gdtr, cs, "code64")
+        ss_desc = guest_descriptor(read, gdtr, ss, "data")
         self._trampoline.iret(rip, cs, rflags | RFLAGS.FIXED, rsp, ss, cs_desc, ss_desc)
-        self._load_data_segments(carried)
+        self._load_data_segments(data_segments)
 
     # -- registers ----------------------------------------------------------------------
 

@@ -11,9 +11,12 @@ returns to is mapped in the private tables too, so the engine can translate it
 before stopping.
 
 ``iretq`` can only keep or lower the privilege level. Going to CPL0 restores a
-context saved at CPL0 when the machine was built; :func:`save_carried` and
-:func:`restore_carried` take the rest of the state (general, control, debug,
-x87/SSE registers, MSRs, descriptor-table registers) across that restore.
+context saved at CPL0 when the machine was built; :class:`~.carry.CarriedState`
+takes the rest of the state across that restore.
+
+The private tables are built once and kept while the page an ``iretq`` returns to
+maps to the same frame with the same U/S (the guest's tables are walked every time:
+they may change); only the trampoline writes the table frames.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from unicorn import Uc
 from unicorn import x86_const as x86
@@ -37,27 +41,20 @@ from ..physmem import PAGE_SIZE, PhysicalMemory
 from ..tables import encode_gdt_entry
 from .control import Runner
 from .engine import EmulatorError
-from .registers import (
-    TABLE_REGISTERS,
-    UC_REGISTER_IDS,
-    read_register,
-    segment_flags,
-    write_register,
-)
+from .registers import segment_flags
 
 __all__ = [
     "DATA_SEGMENTS",
     "TRAMPOLINE_PAGES",
     "TRAMPOLINE_VA",
     "USER_TRAMPOLINE_VA",
+    "PageReader",
     "SelectorSet",
     "Trampoline",
     "descriptor_from_attributes",
     "flat_descriptor",
     "guest_descriptor",
     "mark_accessed",
-    "restore_carried",
-    "save_carried",
     "star_selectors",
 ]
 
@@ -88,19 +85,6 @@ KERNEL_CS, USER_CS, USER_SS = 0x10, 0x33, 0x2B
 _STAR_SYSCALL_CS, _STAR_SYSRET_BASE = BitField("SYSCALL_CS", 32, 16), BitField("SYSRET", 48, 16)
 _SS_DELTA, _SYSRET_CS_DELTA, _RPL3 = 8, 16, 3
 DATA_SEGMENTS = ("ds", "es", "fs", "gs")
-# State carried across the CPL0 template's restore (besides what the caller sets).
-_CARRIED = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", *(f"r{n}" for n in range(8, 16)),
-    "rflags", "cr0", "cr2", "cr3", "cr4", "cr8", "dr0", "dr1", "dr2", "dr3", "dr6", "dr7",
-    "efer", "star", "lstar", "cstar", "sfmask", "kernel_gs_base", "tsc_aux", "pat",
-    *DATA_SEGMENTS, "fs_base", "gs_base",
-)  # fmt: skip
-_VECTOR_STATE = (
-    *(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)),
-    *(getattr(x86, f"UC_X86_REG_ST{i}") for i in range(8)),
-    x86.UC_X86_REG_FPCW, x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG, x86.UC_X86_REG_MXCSR,
-)  # fmt: skip
-_PAGING_FIRST = ("cr3", "cr4", "efer", "cr0")
 
 
 @dataclass(frozen=True)
@@ -145,11 +129,45 @@ def descriptor_from_attributes(attributes: int | None) -> SegmentDescriptor | No
     return mark_accessed(replace(desc, limit=_FLAT_LIMIT))
 
 
-def flat_descriptor(kind: str, dpl: int) -> SegmentDescriptor:
-    """A flat ``code64`` or ``data`` descriptor of privilege ``dpl``."""
+def _encode_flat(kind: str, dpl: int) -> SegmentDescriptor:
     return mark_accessed(
         SegmentDescriptor.from_bytes(encode_gdt_entry(GdtEntrySpec(0, kind, dpl=dpl)))
     )
+
+
+# Encoded once: every privilege change asks for some (descriptors are frozen).
+_FLAT = MappingProxyType(
+    {(kind, dpl): _encode_flat(kind, dpl) for kind in ("code64", "data") for dpl in range(4)}
+)
+
+
+def flat_descriptor(kind: str, dpl: int) -> SegmentDescriptor:
+    """A flat ``code64`` or ``data`` descriptor of privilege ``dpl``."""
+    desc = _FLAT.get((kind, dpl))
+    return desc if desc is not None else _encode_flat(kind, dpl)
+
+
+class PageReader:
+    """``read(va, size)`` through a one-page cache, for several reads of one table in a
+    row (the guest's tables must not change meanwhile). A read that crosses a page, or
+    whose page cannot be read whole, goes to ``read`` itself."""
+
+    def __init__(self, read: Callable[[int, int], bytes]) -> None:
+        self._read = read
+        self._page: int | None = None
+        self._data = b""
+
+    def __call__(self, va: int, size: int) -> bytes:
+        page, offset = va & ~(PAGE_SIZE - 1), va & (PAGE_SIZE - 1)
+        if offset + size > PAGE_SIZE:
+            return self._read(va, size)
+        if page != self._page:
+            try:
+                self._data = self._read(page, PAGE_SIZE)
+            except KctxError:
+                return self._read(va, size)
+            self._page = page
+        return self._data[offset : offset + size]
 
 
 def guest_descriptor(
@@ -168,40 +186,6 @@ def guest_descriptor(
         if usable and (desc.is_long_code if kind == "code64" else desc.writable):
             return mark_accessed(desc)
     return flat_descriptor(kind, sel.rpl)
-
-
-def _read(uc: Uc, name: str) -> int:
-    return (
-        uc.reg_read(UC_REGISTER_IDS[name]) if name in UC_REGISTER_IDS else read_register(uc, name)
-    )
-
-
-def _write(uc: Uc, name: str, value: int) -> None:
-    if name in UC_REGISTER_IDS:
-        uc.reg_write(UC_REGISTER_IDS[name], value)
-    else:
-        write_register(uc, name, value)
-
-
-def save_carried(uc: Uc) -> dict:
-    """The state :func:`restore_carried` puts back (PKRU aside: the caller handles it)."""
-    state: dict = {name: _read(uc, name) for name in _CARRIED}
-    state.update({name: uc.reg_read(reg) for name, reg in TABLE_REGISTERS.items()})
-    state["vector"] = [uc.reg_read(reg) for reg in _VECTOR_STATE]
-    return state
-
-
-def restore_carried(uc: Uc, state: dict) -> None:
-    """Write back :func:`save_carried`'s state except the data segment registers and bases."""
-    for name in _PAGING_FIRST:
-        _write(uc, name, state[name])
-    for name, reg in TABLE_REGISTERS.items():
-        uc.reg_write(reg, state[name])
-    for name in _CARRIED:
-        if name not in DATA_SEGMENTS and name not in ("fs_base", "gs_base"):
-            _write(uc, name, state[name])
-    for reg, value in zip(_VECTOR_STATE, state["vector"], strict=True):
-        uc.reg_write(reg, value)
 
 
 class Trampoline:
@@ -223,24 +207,45 @@ class Trampoline:
     ) -> None:
         self._uc, self._runner, self._mem, self._base = uc, runner, scratch, base
         self._mode, self._translate = mode, translate
+        # What the private tables were last built for, and their root.
+        self._tables_key: tuple | None = None
+        self._tables_root = 0
 
     def _page(self, index: int) -> int:
         return self._base + index * PAGE_SIZE
 
+    def _target_mapping(self, target: int | None) -> tuple[int, int, PteFlag] | None:
+        """``target``'s page, its frame and U/S in the guest's tables now (None: unmapped)."""
+        if target is None:
+            return None
+        walk = self._translate(target)
+        page = target & ~(PAGE_SIZE - 1)
+        if not walk.ok or TRAMPOLINE_VA <= page < USER_TRAMPOLINE_VA + PAGE_SIZE:
+            return None
+        return page, walk.phys & ~(PAGE_SIZE - 1), PteFlag.US if walk.user else PteFlag(0)
+
     def _tables(self, target: int | None) -> int:
-        """Build the private tables (with ``target``'s page if the guest maps it); the root."""
+        """The private tables (with ``target``'s page if the guest maps it); the root.
+
+        Rebuilt only when what they map changes (see the module docstring).
+        """
+        if target is None and self._tables_key is not None:
+            return self._tables_root  # every build maps the trampoline's own pages
+        key = (self._mode, self._target_mapping(target))
+        if key == self._tables_key:
+            return self._tables_root
+        self._tables_key = None  # until the frames hold a whole build again
         tables = PageTableBuilder(
             self._mem, self._mode, self._page(_GDT_PAGE + _GDT_PAGES), _TABLE_PAGES * PAGE_SIZE
         )
         span = (_GDT_PAGE + _GDT_PAGES) * PAGE_SIZE
         tables.map(TRAMPOLINE_VA, self._base, span, PAGE_SIZE, PteFlag.RW)
         tables.map(USER_TRAMPOLINE_VA, self._base, PAGE_SIZE, PAGE_SIZE, PteFlag.US)
-        if target is not None:
-            walk = self._translate(target)
-            page = target & ~(PAGE_SIZE - 1)
-            if walk.ok and not TRAMPOLINE_VA <= page < USER_TRAMPOLINE_VA + PAGE_SIZE:
-                flags = PteFlag.US if walk.user else PteFlag(0)
-                tables.map(page, walk.phys & ~(PAGE_SIZE - 1), PAGE_SIZE, PAGE_SIZE, flags)
+        mapping = key[1]
+        if mapping is not None:
+            page, frame, flags = mapping
+            tables.map(page, frame, PAGE_SIZE, PAGE_SIZE, flags)
+        self._tables_key, self._tables_root = key, tables.root
         return tables.root
 
     def run(self, code: bytes, count: int, target: int | None = None) -> int | None:

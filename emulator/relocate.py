@@ -123,6 +123,9 @@ class MachineMemory:
             address += n
 
     def read(self, address: int, size: int) -> bytes:
+        window = self.window_at(address)
+        if window is not None and 0 <= size <= window.end - address:  # the common case
+            return window.mem.read(window.source + address - window.base, size)
         return b"".join(w.mem.read(src, n) for w, src, n in self._pieces(address, size))
 
     def write(self, address: int, data: bytes) -> None:

@@ -147,8 +147,8 @@ def _count(value: int | None) -> int:
 def stepi_command(session: Session, args: Args) -> Output:
     """Execute one instruction (or COUNT), stopping early at a breakpoint or stop-policy trap.
 
-    A trap left pending by the last stop is delivered first (that is the step). An
-    empty line steps again.
+    A trap left pending by the last stop is delivered first, and that is the step:
+    it stops at the handler's first instruction. An empty line steps again.
     """
     count = _count(args.count)
     return run_and_report(session, lambda dbg: dbg.stepi(count))
@@ -222,8 +222,9 @@ def finish_command(session: Session, args: Args) -> Output:
     """Run until the current function returns to its caller.
 
     The return address is read at RSP on a function's first instruction, else at
-    RBP+8 (a frame-pointer prologue); an interrupt handler returns with iretq
-    instead, so use `until` with the trap frame's RIP there.
+    RBP+8 (a frame-pointer prologue). In the handler of the last trap delivered,
+    finish runs until its iretq is back in the interrupted code (the trap frame's
+    RIP, CS and RSP).
     """
     return run_and_report(session, lambda dbg: dbg.finish())
 

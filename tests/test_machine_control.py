@@ -8,9 +8,11 @@ instruction, a trap the next one).
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from test_machine import (
@@ -27,11 +29,17 @@ from test_machine import (
     make_context,
     store_abs,
 )
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_MODE_64, Uc
+from unicorn.x86_const import UC_X86_REG_RSP
 
 from kctx_debug.emulator import engine
 from kctx_debug.emulator.control import StopKind
 from kctx_debug.emulator.engine import EmulatorError, EngineLayout
 from kctx_debug.emulator.machine import Machine
+from kctx_debug.pagetables.context import open_context
+from kctx_debug.physmem import HostRange
+
+TRAP_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "traps"
 
 # mov ecx, N; loop: add rax, rcx; xor rbx, rax; dec rcx; jnz loop; int3
 # = 1 + 4 * N + 1 instructions (int3 is a trap: it retires).
@@ -339,3 +347,61 @@ def test_breakpoint_planted_in_translated_code():
     # The whole loop (mov, 100 iterations of 4, int3) plus the planted int3.
     assert machine.icount == 402 + 1
     assert (machine.reg_read("rax"), machine.reg_read("rbx")) == reference(100)
+
+
+# -- Unicorn RAM offsets shared by two regions (see kctx_debug.emulator.engine) ----------
+
+# Region sizes in the order that makes Unicorn 2.1 hand the last one the RAM offsets of
+# the second one's third page (the trap fixtures' layout): 0x3000 at 0, 0x8000 at 0x3000,
+# then 0x1000 pages at 0x3000, 0x4000 and 0x5000 when mapped in this order.
+_TWIN_LAYOUT = ((0x1000, 0x3000), (0x20_0000, 0x8000), (0x30_0000, 0x1000),
+                (0x30_1000, 0x1000), (0x100_0000, 0x1000))  # fmt: skip
+_TWIN_CODE, _TWIN_STACK = 0x100_0010, 0x20_2018
+# mov rbp, rsp; recurse: call recurse (e8 rel32 = -5)
+_RECURSE = asm("4889e5 e8fbffffff")
+
+
+def test_store_to_page_sharing_ram_offset_with_code_is_counted_once():
+    """The bug: a store to a page whose RAM offsets another region's code page shares
+    looked like self-modifying code, so QEMU restarted the instruction and counted it
+    twice (the doublefault fixture's #PF came at icount 1022 instead of 1021)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    buffers = [ctypes.create_string_buffer(size) for _base, size in _TWIN_LAYOUT]
+    engine.map_host_ranges(
+        uc,
+        [
+            HostRange(base, size, ctypes.addressof(buf), buf)
+            for (base, size), buf in zip(_TWIN_LAYOUT, buffers, strict=True)
+        ],
+    )
+    uc.mem_write(_TWIN_CODE, _RECURSE)
+    seen: list[tuple[int, int]] = []
+    uc.hook_add(
+        UC_HOOK_CODE,
+        lambda uc, address, _size, _data: seen.append((address, uc.reg_read(UC_X86_REG_RSP))),
+    )
+    uc.reg_write(UC_X86_REG_RSP, _TWIN_STACK)
+    uc.emu_start(_TWIN_CODE, 0, count=4)
+    call = _TWIN_CODE + 3
+    # mov, then each call once, with RSP 8 lower each time; the third pushes at 0x202008.
+    assert seen == [(_TWIN_CODE, 0x20_2018), (call, 0x20_2018), (call, 0x20_2010),
+                    (call, 0x20_2008)]  # fmt: skip
+    assert uc.reg_read(UC_X86_REG_RSP) == 0x20_2000
+    assert bytes(buffers[1][0x2000:0x2010]) == struct.pack("<QQ", call + 5, call + 5)
+
+
+def test_recursing_call_down_to_the_last_mapped_qword_is_counted_once():
+    """The doublefault fixture: 1019 calls from RSP 0x...3fd8 reach 0x...2000 in 1020
+    instructions (with mov rbp, rsp), and the next call's push faults without retiring."""
+    ctx = open_context(TRAP_FIXTURES / "doublefault.json")
+    machine = Machine.from_context(ctx)
+    assert machine.run(count=10).kind is StopKind.BREAKPOINT
+    start = machine.icount
+    machine.enter_ring0(0xFFFF_FFFF_8100_0000, 0xFFFF_C900_0000_3FD8)
+    assert machine.run(count=1 + 1019).kind is StopKind.BUDGET
+    assert machine.reg_read("rsp") == 0xFFFF_C900_0000_2000
+    event = machine.run()
+    assert (event.vector, event.executed, event.page_fault.address) == (
+        14, 0, 0xFFFF_C900_0000_1FF8,
+    )  # fmt: skip
+    assert machine.icount == start + 1020

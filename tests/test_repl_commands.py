@@ -394,8 +394,11 @@ def test_trap_policy_stop_leaves_the_trap_pending(demo):
     )
     assert "pending trap  #BP (vector 3) at 0x40000e, CPL3" in demo("info cpu")
     assert demo.value("$cs") == 0x33
-    demo("stepi")
-    assert demo.value("$cs") == 0x10 and demo.value("$rsp") == RSP0 - 6 * 8
+    demo("stepi")  # the delivery is the step: at the handler's entry, the frame pushed
+    assert demo.value("$cs") == 0x10 and demo.value("$rsp") == RSP0 - 5 * 8
+    assert demo.value("$rip") == 0xFFFFFFFF81000000
+    demo("finish")  # through the handler's iretq, back after the int3
+    assert (demo.value("$rip"), demo.value("$cs")) == (0x40000F, 0x33)
 
 
 def test_nexti_finish_until_on_the_fixture_kernel(kernel):
@@ -468,7 +471,9 @@ def test_page_fault_fixture_reports_error_code_and_cr2():
     assert repl("bt").splitlines()[1] == (
         "#1  0x0000000000400007 <first_write>  sp=0x7ffffffffff0  (trap frame (#PF))"
     )
-    assert repl.value("*(u64*)($rsp + 8)") == 6  # the error code, below the pushed rax
+    # The delivery was the step: at pf_handler's entry, the error code on top, RIP above.
+    assert repl.value("$rip") == 0xFFFFFFFF81000000
+    assert (repl.value("*(u64*)$rsp"), repl.value("*(u64*)($rsp + 8)")) == (6, 0x400007)
     repl.session.close()
 
 

@@ -264,6 +264,67 @@ def test_record_verb_rejects_a_bad_injection() -> None:
         _cli(add_record_arguments, ["s.json", "-o", "t", "--inject", "12"])
 
 
+# -- QEMU ELF cores -------------------------------------------------------------------------------
+
+# vCPU 1 of the synthetic core runs (at TEXT_VA + 0x10, CPL0):
+#   mov ecx, 5; 1: inc rax; loop 1b; xor edx, edx; div edx (at +12: 5+3+2+2 bytes)
+# -> #DE after 1 + 5 * 2 + 1 instructions
+# and the #DE gate's handler (TEXT_VA + 0x40, current stack) is hlt. vCPU 0 starts on hlt.
+DUMP_CODE = bytes.fromhex("b905000000 48ffc0 e2fb 31d2 f7f2".replace(" ", ""))
+
+
+def _dump(tmp_path: Path) -> Path:
+    from qemu.elfcore import CpuNote, Load, write_core
+    from test_qemu_dump import CR, TEXT_VA, _low_memory, _segments
+
+    text = bytearray(0x2000)
+    text[0x10 : 0x10 + len(DUMP_CODE)] = DUMP_CODE
+    text[0x30] = text[0x40] = 0xF4  # hlt
+    regs = {"rsp": TEXT_VA + 0x1FF0, "rflags": 0x2}
+    cpus = [
+        CpuNote({**regs, "rip": TEXT_VA + 0x30}, _segments(), CR),
+        CpuNote({**regs, "rip": TEXT_VA + 0x10}, _segments(), CR),
+    ]
+    path = tmp_path / "guest.core"
+    write_core(path, cpus, [Load(0x0, _low_memory(xd=True)), Load(0x100000, bytes(text))])
+    return path
+
+
+def test_record_and_replay_a_qemu_dump(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_qemu_dump import DE_HANDLER, TEXT_VA
+
+    from kctx_debug.qemu_dump import read_qemu_dump
+
+    core = _dump(tmp_path)
+    # The hash of a dump's snapshot is stable across reads, and differs per vCPU.
+    hashes = [read_qemu_dump(core, cpu=c).content_hash() for c in (1, 1, 0)]
+    assert hashes[0] == hashes[1] != hashes[2]
+    out = tmp_path / "dump.ktrace.jsonl"
+    argv = [str(core), "-o", str(out), "--cpu", "1", "--budget", "1000"]
+    assert _cli(add_record_arguments, argv) == 0
+    assert capsys.readouterr().out == f"recorded 2 events to {out} (ended: halt at icount 13)\n"
+    trace = read_trace(out)
+    assert (trace.header.snapshot, trace.header.snapshot_hash) == ("guest.core", hashes[0])
+    assert trace.header.options.budget == 1000
+    de, halt = trace.events
+    assert (de.kind, de.vector, de.rip, de.icount, de.handler) == (
+        TrapKind.EXCEPTION, 0, TEXT_VA + 0x10 + 12, 12, DE_HANDLER,
+    )  # fmt: skip
+    assert (halt.kind, halt.name, halt.rip) == (TrapKind.STOP, "halt", DE_HANDLER + 1)
+    assert snapshot_for_trace(out) == core
+    assert _cli(add_replay_arguments, [str(core), str(out), "--cpu", "1"]) == 0
+    assert capsys.readouterr().out == "dump.ktrace.jsonl: identical: 2 events\n"
+    # vCPU 0 is another snapshot: the first event differs, and so does the hash.
+    assert _cli(add_replay_arguments, [str(core), str(out)]) == 1
+    report = capsys.readouterr().out
+    # vCPU 0's hlt retires at once and stops the run: a halt at icount 1 instead.
+    assert report.startswith(
+        "dump.ktrace.jsonl: event 0 (#DE at icount 12): field icount: recorded 12, replayed 1\n"
+        "  field kind: recorded exception, replayed stop\n"
+    )
+    assert f"snapshot hash: recorded {hashes[0]}, replayed {hashes[2]}" in report
+
+
 # -- the pytest plugin ---------------------------------------------------------------------------
 
 

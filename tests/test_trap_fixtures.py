@@ -220,12 +220,6 @@ def test_doublefault_trace_events() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the emulator counts 1022: the call at RSP 0x...2008 (its push reaches the "
-    "lowest mapped qword) starts twice inside Unicorn (a code hook sees it twice) and is "
-    "counted twice; reported to the emulator's owner",
-)
 def test_doublefault_instruction_count() -> None:
     events = read_trace(TRAPS / "doublefault.ktrace.jsonl").events
     # int3 (1) + mov rbp, rsp (1) + (0x3fd8 - 0x2000) / 8 = 1019 calls that retired.

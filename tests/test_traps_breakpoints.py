@@ -223,6 +223,14 @@ def test_until_an_address():
     assert dbg.until(HLT).icount == 31  # already there
 
 
+def test_until_with_a_count_stops_at_whichever_comes_first():
+    dbg = loop_debugger()
+    event = dbg.until(HLT, count=10)
+    assert (event.name, dbg.machine.icount) == ("budget", 10)
+    event = dbg.until(HLT, count=100)
+    assert (event.name, dbg.machine.reg_read("rip"), dbg.machine.icount) == ("until", HLT, 31)
+
+
 def test_timeout_stop_from_another_thread_and_event_callbacks():
     dbg = build(asm("ebfe")).debugger()  # jmp $
     seen = []

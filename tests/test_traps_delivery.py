@@ -131,6 +131,48 @@ def test_demo_syscall_enters_lstar_and_sysretq_returns(demo):
     assert (m.reg_read("rax"), m.reg_read("rflags")) == (0x2A, flags)
 
 
+def test_stepi_with_a_pending_trap_stops_at_the_handler_entry(demo):
+    # As a hardware single step over an event: the delivery is the step, and it
+    # retires no guest instruction (int3 itself retired when it trapped).
+    sym = demo.symbols.address
+    m = demo.machine
+    demo.set_policy(3, "stop")
+    event = demo.cont()
+    assert (event.name, event.handler, m.reg_read("rip"), m.icount) == ("#BP", None, 0x40000F, 3)
+    event = demo.stepi()
+    assert (event.name, m.reg_read("rip"), m.icount, m.cpl) == ("budget", sym("bp_handler"), 3, 0)
+    assert demo.pending_trap is None
+    assert (demo.trap_log[-2].name, demo.trap_log[-2].handler) == ("#BP", sym("bp_handler"))
+    assert int.from_bytes(demo.read_virtual(sym("bp_count"), 8), "little") == 0
+    # The delivery counts as one of N: stepi 3 = delivery + push rbp + mov rbp, rsp.
+    demo.finish()  # the handler's 9 instructions: icount 12
+    assert demo.cont().name == "#BP"  # add, dec, jnz, int3: 16
+    assert demo.stepi(3).name == "budget"
+    assert (m.reg_read("rip"), m.icount) == (sym("bp_handler") + 4, 16 + 2)
+
+
+def test_finish_in_a_handler_returns_through_iretq(demo):
+    sym = demo.symbols.address
+    m = demo.machine
+    user_rsp = 0x7FFF_FFFF_F000 + 0x1000 - 0x10
+    count = lambda: int.from_bytes(demo.read_virtual(sym("bp_count"), 8), "little")  # noqa: E731
+    demo.break_at(sym("bp_handler"))
+    assert demo.cont().kind is TrapKind.BREAKPOINT
+    assert (m.reg_read("rip"), m.cpl, count()) == (sym("bp_handler"), 0, 0)
+    assert demo.trap_frame().rip == sym("user_start") + 0xF
+    event = demo.finish()
+    # The handler's 9 instructions, iretq last: back after the int3, CPL3, user stack.
+    assert (event.name, m.reg_read("rip"), m.icount) == ("until", 0x40000F, 3 + 9)
+    assert (m.cpl, m.reg_read("cs"), m.reg_read("rsp"), count()) == (3, USER_CS, user_rsp, 1)
+    assert demo.trap_frame() is None  # back in the interrupted code
+    # From inside the handler's body (RSP below the entry RSP) too.
+    demo.cont()
+    demo.stepi(3)
+    assert demo.finish().name == "until"
+    # add, dec, jnz, int3, then the handler again: 4 + 9 more.
+    assert (m.reg_read("rip"), m.cpl, m.icount, count()) == (0x40000F, 3, 12 + 13, 2)
+
+
 # -- small contexts -------------------------------------------------------------------------
 
 

@@ -19,7 +19,8 @@ on the way is appended to :attr:`Debugger.trap_log` and passed to each callback 
   ``exception`` event; with the vector's policy ``deliver`` it is delivered through the
   IDT (:mod:`.delivery`) and the event names the handler, with ``stop`` the command
   stops and the trap is left :attr:`~Debugger.pending_trap`: the next command delivers
-  it first, unless :meth:`~Debugger.discard_pending` dropped it. Escalations during
+  it first, unless :meth:`~Debugger.discard_pending` dropped it; for ``stepi`` the
+  delivery is the step (it stops at the handler's first instruction). Escalations during
   delivery (#DF) are always delivered; a triple fault stops the machine for good.
 - ``syscall`` is executed (:mod:`.syscall`) and logged, and the run goes on.
 - a watchpoint hit stops after the accessing instruction.
@@ -197,14 +198,21 @@ class Debugger:
         return self._run(count=count, timeout=timeout)
 
     def stepi(self, n: int = 1) -> TrapEvent:
-        """Execute ``n`` instructions (stopping early at a breakpoint or trap)."""
+        """Execute ``n`` instructions (stopping early at a breakpoint or trap).
+
+        A pending trap's delivery is the first step, as a hardware single-step: it
+        stops at the handler's first instruction without executing it.
+        """
         if n < 1:
             raise CommandError(f"cannot step {n} instructions")
-        return self._run(count=n)
+        return self._run(count=n, delivery_steps=True)
 
-    def until(self, address: int, timeout: float | None = None) -> TrapEvent:
-        """Run until RIP is ``address`` (at once if it already is)."""
-        return self._run(until=address, timeout=timeout)
+    def until(
+        self, address: int, timeout: float | None = None, count: int | None = None
+    ) -> TrapEvent:
+        """Run until RIP is ``address`` (at once if it already is), or for at most
+        ``count`` guest instructions (then a ``budget`` stop)."""
+        return self._run(until=address, timeout=timeout, count=count)
 
     def nexti(self) -> TrapEvent:
         """Step one instruction, stepping over a call (until it returns to this frame)."""
@@ -212,19 +220,26 @@ class Debugger:
         listing = self.disassemble(rip, 1)
         if not listing or not listing[0].is_call:
             return self.stepi(1)
-        return self._run(until=listing[0].next_address, frame=self.machine.reg_read("rsp"))
+        frame = self.machine.reg_read("rsp")
+        return self._run(until=listing[0].next_address, arrived=self._above(frame))
 
     def finish(self, *, frame_pointer: bool | None = None) -> TrapEvent:
         """Run until the current function returns to its caller.
 
-        The return address is the quadword at RSP when RIP is a symbol's first byte
-        (function entry, before any push), else at RBP+8 (a frame-pointer prologue,
-        ``push rbp; mov rbp, rsp``); ``frame_pointer`` forces either. The run stops at
-        the return address once RSP is above the return slot, so a recursive call
-        returning to the same address does not stop it.
+        In the handler of the last delivery (see :meth:`trap_frame`) that is the
+        ``iretq`` back to the interrupted context: the run stops once RIP, CS and RSP
+        are the trap frame's. Elsewhere the return address is the quadword at RSP
+        when RIP is a symbol's first byte (function entry, before any push), else at
+        RBP+8 (a frame-pointer prologue, ``push rbp; mov rbp, rsp``);
+        ``frame_pointer`` forces either. The run stops at the return address once RSP
+        is above the return slot, so a recursive call returning to the same address
+        does not stop it.
         """
         rip = self.machine.reg_read("rip")
         if frame_pointer is None:
+            trap_frame = self.trap_frame()
+            if trap_frame is not None:
+                return self._run(until=trap_frame.rip, arrived=self._returned_to(trap_frame))
             hit = self.symbols.lookup(rip)
             frame_pointer = not (hit is not None and hit.offset == 0)
         slot = self.machine.reg_read("rbp" if frame_pointer else "rsp") + (
@@ -234,7 +249,40 @@ class Debugger:
             ret = int.from_bytes(self.read_virtual(slot, _QWORD), "little")
         except KctxError as e:
             raise CommandError(f"cannot read the return address at {slot:#x}: {e}") from None
-        return self._run(until=ret, frame=slot + _QWORD)
+        return self._run(until=ret, arrived=self._above(slot + _QWORD))
+
+    def trap_frame(self) -> TrapFrame | None:
+        """The frame the last delivery pushed, if RIP is still in its handler.
+
+        "In its handler": at the CPL it entered, RSP at or below the frame, and RIP
+        the handler's entry or inside the symbol that starts there. The frame is read
+        from the stack now (a handler may have edited it); None otherwise.
+        """
+        delivery = self.last_delivery
+        machine = self.machine
+        if delivery is None or machine.cpl != delivery.cpl_after:
+            return None
+        rip = machine.reg_read("rip")
+        hit = self.symbols.lookup(rip)
+        if rip != delivery.handler and (hit is None or rip - hit.offset != delivery.handler):
+            return None
+        if machine.reg_read("rsp") > delivery.frame_address:
+            return None
+        try:
+            return self.read_trap_frame(
+                delivery.frame_address, error_code=delivery.frame.error_code is not None
+            )
+        except KctxError:
+            return None
+
+    def _above(self, frame: int) -> Callable[[], bool]:
+        """At the until address: arrived unless a deeper frame (RSP below ``frame``) got there."""
+        return lambda: self.machine.reg_read("rsp") >= frame
+
+    def _returned_to(self, frame: TrapFrame) -> Callable[[], bool]:
+        """At the frame's RIP: arrived once ``iretq`` restored its CS and RSP."""
+        machine = self.machine
+        return lambda: machine.reg_read("cs") == frame.cs and machine.reg_read("rsp") == frame.rsp
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -247,8 +295,11 @@ class Debugger:
 
     def _run(
         self, *, count: int | None = None, timeout: float | None = None,
-        until: int | None = None, frame: int | None = None,
+        until: int | None = None, arrived: Callable[[], bool] | None = None,
+        delivery_steps: bool = False,
     ) -> TrapEvent:  # fmt: skip
+        """The loop of every command. ``arrived`` tells whether reaching ``until`` ends
+        the run; ``delivery_steps``: delivering a pending trap uses one of ``count``."""
         self._check_alive()
         if count is not None and count < 0:
             raise CommandError(f"instruction count {count} is negative")
@@ -265,6 +316,9 @@ class Debugger:
             stopped = self._deliver(trap, announced=True)
             if stopped is not None:
                 return stopped
+            if delivery_steps and count is not None:
+                count -= 1
+            start = machine.icount  # a faulting int n's delivery un-retires it
         while True:
             done = machine.icount - start
             if count is not None and done >= count:
@@ -284,7 +338,7 @@ class Debugger:
                     return stopped
                 continue
             if stepping and until is not None and rip == until and not must_step:
-                if frame is None or machine.reg_read("rsp") >= frame:
+                if arrived is None or arrived():
                     return self._stop(StopKind.UNTIL)
                 must_step = True  # a deeper frame reached the address: keep going
             phys = self.breakpoints.phys_at(rip) if rip == self._resume_at else None
@@ -297,8 +351,8 @@ class Debugger:
                 phys, self._shadow = None, False
                 event = machine.run(until=until, count=budget, timeout=remaining_time)
             self.last_stop = event
-            if event.kind is StopKind.UNTIL and frame is not None:
-                if machine.reg_read("rsp") < frame:
+            if event.kind is StopKind.UNTIL and arrived is not None:
+                if not arrived():
                     must_step = True  # a deeper frame reached the address: keep going
                     continue
             stopped = self._handle(event, lifted=phys)

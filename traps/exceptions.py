@@ -36,6 +36,7 @@ from kctx_debug.arch.vectors import (
     pushes_error_code,
 )
 from kctx_debug.emulator.control import StopEvent, StopKind
+from kctx_debug.emulator.disasm import read_instruction_bytes
 from kctx_debug.errors import CommandError, KctxError
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 _SELECTOR_MASK = 0xFFFC  # a selector without its RPL: index and TI (SDM vol. 3A 3.4.2)
-_MAX_INSN = 15  # SDM vol. 2A 2.3.11
 
 
 class ErrorCode(enum.IntFlag):
@@ -312,13 +312,7 @@ def segment_error_code(machine: _MachineView, pc: int, vector: int) -> int:
 
 
 def _decode(machine: _MachineView, pc: int):  # -> CsInsn | None
-    code = b""
-    for size in (_MAX_INSN, (pc | 0xFFF) + 1 - pc):
-        try:
-            code = machine.read_virtual(pc, size)
-            break
-        except KctxError:
-            continue
+    code = read_instruction_bytes(machine.read_virtual, pc)
     if not code:
         return None
     cs = Cs(CS_ARCH_X86, CS_MODE_64)

@@ -45,6 +45,7 @@ __all__ = [
     "FieldDifference",
     "RecordResult",
     "ReplayResult",
+    "SnapshotSource",
     "add_record_arguments",
     "add_replay_arguments",
     "compare_events",
@@ -69,10 +70,7 @@ _BUDGET = StopKind.BUDGET.value
 def _run_leg(dbg: Debugger, until: int | None, count: int | None) -> TrapEvent:
     if until is None:
         return dbg.cont(count=count)
-    if count is None:
-        return dbg.until(until)
-    # Debugger has no public "until ADDRESS for at most COUNT instructions" yet.
-    return dbg._run(until=until, count=count)
+    return dbg.until(until, count=count)
 
 
 def run_events(
@@ -140,8 +138,23 @@ class _Opened:
         self.ctx.close()
 
 
-def _open(snapshot_path: PathLike) -> _Opened:
-    ctx = open_context(snapshot_path)
+@dataclass(frozen=True)
+class SnapshotSource:
+    """How to open a snapshot path: a kctx JSON document or a QEMU ELF core (see
+    :func:`~kctx_debug.pagetables.context.open_context`)."""
+
+    cpu: int = 0  # the vCPU of a QEMU dump
+    symbols: PathLike | None = None  # System.map, kallsyms or vmlinux for a QEMU dump
+    allow_outside: bool = False  # side files may live outside the document's folder
+
+    def open(self, path: PathLike) -> KernelContext:
+        return open_context(
+            path, allow_outside=self.allow_outside, cpu=self.cpu, symbols=self.symbols
+        )
+
+
+def _open(snapshot_path: PathLike, source: SnapshotSource) -> _Opened:
+    ctx = source.open(snapshot_path)
     try:
         machine = Machine.from_context(ctx)
         return _Opened(ctx, machine, Debugger(machine))
@@ -171,14 +184,17 @@ def record(
     max_events: int = 100_000,
     budget: int | None = None,
     fsync: bool = False,
+    source: SnapshotSource = SnapshotSource(),
 ) -> RecordResult:
-    """Run the snapshot with every trap delivered and write its trace.
+    """Run the snapshot (a document or a QEMU dump) with every trap delivered and
+    write its trace; the header names the snapshot file and its content hash.
 
     :param breaks: breakpoint addresses (each hit is an event; the run goes on).
     :param until: end the run when RIP reaches this address.
     :param inject: (instruction count, vector) pairs, delivered at those counts.
     :param max_events: end the run after this many events (then a ``user-stop``).
     :param budget: end the run after this many guest instructions.
+    :param source: how to open ``snapshot_path`` (the vCPU of a dump …).
     :raises KctxError: the snapshot cannot be opened or run, or the trace written.
     """
     options = RecordOptions(
@@ -190,7 +206,7 @@ def record(
     )
     if max_events < 1:
         raise CommandError(f"max_events must be at least 1, got {max_events}")
-    opened = _open(snapshot_path)
+    opened = _open(snapshot_path, source)
     started = time.perf_counter()
     try:
         header = TraceHeader(
@@ -307,7 +323,7 @@ def describe_replay(result: ReplayResult) -> str:
 
 
 def snapshot_for_trace(trace_path: PathLike) -> Path:
-    """The snapshot a trace's header names, in the trace's folder.
+    """The snapshot (document or QEMU dump) a trace's header names, in the trace's folder.
 
     :raises TraceError: the header is malformed.
     :raises CommandError: no such snapshot next to the trace.
@@ -319,9 +335,13 @@ def snapshot_for_trace(trace_path: PathLike) -> Path:
     return path
 
 
-def replay(snapshot_path: PathLike, trace_path: PathLike) -> ReplayResult:
+def replay(
+    snapshot_path: PathLike, trace_path: PathLike, source: SnapshotSource = SnapshotSource()
+) -> ReplayResult:
     """Run the snapshot as the trace's header says and compare every event.
 
+    ``source`` says how to open the snapshot (a QEMU dump's vCPU …); the header
+    does not record it, but a different vCPU gives a different snapshot hash.
     The run stops at the first divergence. The trace is read as the run goes
     (a long trace is never held in memory).
 
@@ -331,7 +351,7 @@ def replay(snapshot_path: PathLike, trace_path: PathLike) -> ReplayResult:
     started = time.perf_counter()
     with TraceReader(trace_path) as reader:
         recorded = iter(reader)
-        opened = _open(snapshot_path)
+        opened = _open(snapshot_path, source)
         try:
             replayed_hash = opened.ctx.snapshot.content_hash()
             state = _Comparison(recorded, opened.debugger)
@@ -406,9 +426,25 @@ def _injection(text: str) -> tuple[int, int]:
 DEFAULT_RECORD_BUDGET = 100_000_000
 
 
+def _add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("snapshot", help="kctx JSON snapshot or QEMU dump-guest-memory ELF core")
+    parser.add_argument("--cpu", type=int, default=0, help="vCPU of a QEMU dump (default 0)")
+    parser.add_argument("--symbols", help="System.map, kallsyms or vmlinux for a QEMU dump")
+    parser.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="let side files live outside the snapshot's folder",
+    )
+
+
+def _source(args: argparse.Namespace) -> SnapshotSource:
+    return SnapshotSource(args.cpu, args.symbols, args.allow_outside_paths)
+
+
 def add_record_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``record`` verb: ``record SNAPSHOT -o TRACE [--break A] [--until A] [--inject N:V]``."""
-    parser.add_argument("snapshot", help="snapshot document (kctx JSON)")
+    """The ``record`` verb: ``record SNAPSHOT -o TRACE [--break A] [--until A] [--inject N:V]``
+    (``--cpu N`` and ``--symbols FILE`` for a QEMU dump)."""
+    _add_snapshot_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="trace to write (.ktrace.jsonl)")
     parser.add_argument(
         "--break",
@@ -444,16 +480,16 @@ def add_record_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``replay`` verb: ``replay SNAPSHOT TRACE``; exit 0 identical, 1 otherwise."""
-    parser.add_argument("snapshot", help="snapshot document (kctx JSON)")
+    """The ``replay`` verb: ``replay SNAPSHOT TRACE [--cpu N]``; exit 0 identical, 1 otherwise."""
+    _add_snapshot_arguments(parser)
     parser.add_argument("trace", help="trace to replay (.ktrace.jsonl)")
     parser.set_defaults(func=replay_main)
 
 
-def _resolve(snapshot: str, values: list[int | str]) -> list[int]:
+def _resolve(snapshot: str, source: SnapshotSource, values: list[int | str]) -> list[int]:
     if all(isinstance(v, int) for v in values):
         return [int(v) for v in values]
-    ctx = open_context(snapshot)
+    ctx = source.open(snapshot)
     try:
         return [v if isinstance(v, int) else ctx.symbols.address(v) for v in values]
     finally:
@@ -462,7 +498,10 @@ def _resolve(snapshot: str, values: list[int | str]) -> list[int]:
 
 def record_main(args: argparse.Namespace) -> int:
     """Run ``record`` from parsed arguments; prints one summary line."""
-    addresses = _resolve(args.snapshot, [*args.breaks, *([args.until] if args.until else [])])
+    source = _source(args)
+    addresses = _resolve(
+        args.snapshot, source, [*args.breaks, *([args.until] if args.until else [])]
+    )
     breaks = addresses[: len(args.breaks)]
     until = addresses[len(args.breaks)] if args.until is not None else None
     result = record(
@@ -473,6 +512,7 @@ def record_main(args: argparse.Namespace) -> int:
         inject=args.inject,
         max_events=args.max_events,
         budget=args.budget,
+        source=source,
     )
     print(
         f"recorded {result.events} events to {result.trace} "
@@ -483,6 +523,6 @@ def record_main(args: argparse.Namespace) -> int:
 
 def replay_main(args: argparse.Namespace) -> int:
     """Run ``replay`` from parsed arguments: 0 identical, 1 with the first divergence."""
-    result = replay(args.snapshot, args.trace)
+    result = replay(args.snapshot, args.trace, _source(args))
     print(describe_replay(result))
     return 0 if result.ok else 1
