@@ -48,6 +48,8 @@ def _parse_range(text: str) -> tuple[int, int]:
     if not sep:
         raise argparse.ArgumentTypeError(f"expected START-END, got {text!r}")
     lo, hi = _parse_int(start), _parse_int(end)
+    if hi > 1 << 64:
+        raise argparse.ArgumentTypeError(f"range end {hi:#x} is beyond the 64-bit address space")
     if hi <= lo:
         raise argparse.ArgumentTypeError(f"range end {hi:#x} is not above start {lo:#x}")
     return lo, hi
@@ -162,7 +164,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         description="Walk the page tables for one virtual address, every level shown.",
     )
     _add_snapshot_args(p)
-    p.add_argument("va", type=_parse_int, help="virtual address")
+    p.add_argument("va", type=_parse_int, help="virtual address (exit status 2 if it faults)")
     p.add_argument("--access", help="check an access, e.g. 'write,user' or 'fetch'")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=_cmd_translate)

@@ -51,6 +51,7 @@ from .snapshot import (
 )
 
 __all__ = [
+    "check_output_path",
     "load_snapshot",
     "parse_snapshot",
     "save_snapshot",
@@ -80,6 +81,9 @@ def load_snapshot(path: str | os.PathLike[str], *, allow_outside: bool = False) 
     :raises SnapshotError: naming the JSON path and the reason.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # Opening a FIFO would block forever; a device or folder is never a snapshot.
+        raise SnapshotError(str(path), "not a regular file")
     try:
         with open(path, "rb") as f:
             blob = f.read(MAX_DOCUMENT_BYTES + 1)
@@ -87,6 +91,8 @@ def load_snapshot(path: str | os.PathLike[str], *, allow_outside: bool = False) 
         raise SnapshotError(str(path), f"cannot read: {e.strerror}") from None
     if len(blob) > MAX_DOCUMENT_BYTES:
         raise SnapshotError(str(path), f"document larger than {MAX_DOCUMENT_BYTES >> 20} MiB")
+    if blob.startswith(b"\x7fELF"):
+        raise SnapshotError(str(path), "an ELF file, but not a QEMU dump-guest-memory core")
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -557,9 +563,20 @@ def _gdt_entry_json(e: GdtEntrySpec) -> dict:
     return out
 
 
+def check_output_path(path: str | os.PathLike[str]) -> None:
+    """Refuse to replace anything but a regular file (a device, FIFO, folder or link).
+
+    :raises SnapshotError: naming the path.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise SnapshotError(str(path), "exists and is not a regular file: refusing to replace it")
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
+    check_output_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -594,6 +611,7 @@ def save_snapshot(
             saved = replace(snap, memory=memory, origin=path)
         else:
             side = path.with_name(path.name.removesuffix(".json") + ".phys")
+            check_output_path(path)
             memory = _write_side_file(mem, side)
             source = dict(snap.source, build_applied=True) if snap.build else snap.source
             saved = replace(snap, memory=memory, build=None, source=source, origin=path)
@@ -618,6 +636,7 @@ def _write_side_file(mem: PhysicalMemory, side: Path) -> tuple[MemoryRange, ...]
     holes, so the file is sparse. The file appears atomically (temporary file and
     rename). Returns one ``FILE`` range per region, pointing into ``side``.
     """
+    check_output_path(side)
     ranges = []
     fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", dir=side.parent)
     chunk = 1 << 20

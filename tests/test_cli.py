@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kctx_debug.cli import demo_snapshot_path, main
+from kctx_debug.errors import SnapshotError
+from kctx_debug.snapshot_io import write_atomic
 
 DEMO = str(demo_snapshot_path())
 
@@ -114,3 +119,31 @@ def test_errors_are_one_line(argv, message):
     assert "Traceback" not in proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith("kctx-debug: ") and message in line
+
+
+def test_fifo_snapshot_does_not_hang(tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    path = str(fifo)
+    for args in (["ptdump", path], ["translate", path, "0x1000"], [path, "--batch"]):
+        argv = [sys.executable, "-m", "kctx_debug.cli", *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().endswith("fifo.json: not a regular file")
+
+
+def test_outputs_never_replace_special_files(tmp_path):
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SnapshotError, match="not a regular file: refusing to replace it"):
+        write_atomic(fifo, b"{}")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_elf_that_is_not_a_core(tmp_path):
+    elf = Path(__file__).resolve().parent.parent / "fixtures" / "bin" / "kernel.elf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kctx_debug.cli", "ptdump", str(elf)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("an ELF file, but not a QEMU dump-guest-memory core")

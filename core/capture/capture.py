@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import KctxError
 from ..physmem import PAGE_SIZE
 from ..snapshot import MemoryRange, PagemapRecord, RangeKind, Snapshot
-from ..snapshot_io import snapshot_to_json
+from ..snapshot_io import check_output_path, snapshot_to_json
 from .errors import CaptureError, NoSuchProcessError
 from .pagestore import PageStore
 from .procmaps import read_maps, read_status
@@ -102,6 +102,8 @@ def capture_process(
     _check_target(pid)
     if not output.parent.is_dir():
         raise CaptureError(f"cannot write {output}: folder {output.parent} does not exist")
+    check_output_path(output)
+    check_output_path(side_file_path(output))
     mode = PfnMode.SYNTHETIC if synthetic or not pfns_visible() else PfnMode.REAL
     store = PageStore(output.parent)
     try:
