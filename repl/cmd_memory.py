@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -31,9 +32,21 @@ def _read_prefix(read: Reader, address: int, size: int) -> tuple[bytes, str | No
         try:
             out += read(at, n)
         except KctxError as e:
-            return bytes(out), str(e)
+            return bytes(out), access_failure(e)
         at += n
     return bytes(out), None
+
+
+_REPEATED_ADDRESS = re.compile(r"^cannot access (?:memory at )?0x[0-9a-f]+: ")
+
+
+def access_failure(error: KctxError) -> str:
+    """Why an access failed, without the address the caller's message already names."""
+    result = getattr(error, "result", None)
+    fault = getattr(result, "fault", None)
+    if fault is not None and getattr(fault, "reason", None):
+        return str(fault.reason)
+    return _REPEATED_ADDRESS.sub("", str(error))
 
 
 def render_disassembly(listing: Disassembly, rip: int | None, symbols: object | None) -> Styled:
@@ -71,7 +84,8 @@ def _examine(session: Session, args: Args, physical: bool) -> Output:
 
         listing = disassemble(read, address, fmt.count, symbols, session.settings.syntax)
         if not listing and listing.stop is not None:
-            raise CommandError(f"cannot access memory at {address:#x}: {listing.stop.reason}")
+            reason = _REPEATED_ADDRESS.sub("", str(listing.stop.reason))
+            raise CommandError(f"cannot access memory at {address:#x}: {reason}")
         rip = None if physical else target.reg("rip")
         end = listing[-1].next_address if listing else address
         _remember(session, fmt, end, physical)
@@ -181,7 +195,8 @@ def disassemble_command(session: Session, args: Args) -> Output:
         target.read_virtual, address, count, session.symbols, session.settings.syntax
     )
     if not listing and listing.stop is not None:
-        raise CommandError(f"cannot access memory at {address:#x}: {listing.stop.reason}")
+        reason = _REPEATED_ADDRESS.sub("", str(listing.stop.reason))
+        raise CommandError(f"cannot access memory at {address:#x}: {reason}")
     return render_disassembly(listing, rip, session.symbols)
 
 

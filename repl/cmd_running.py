@@ -18,11 +18,13 @@ from .styled import Styled
 if TYPE_CHECKING:
     from ..traps.debugger import Debugger
 
-__all__ = ["COMMANDS", "describe_trap", "report_stop", "run_and_report"]
+__all__ = ["BATCH_BUDGET", "COMMANDS", "describe_trap", "report_stop", "run_and_report"]
 
 # Events of one command listed before the stop line; older ones are in `info traps`.
 MAX_LISTED_EVENTS = 8
 MAX_STEPS = 1 << 20
+# In batch mode a run without --count stops after this many instructions: a script never hangs.
+BATCH_BUDGET = 100_000_000
 
 
 def describe_trap(event: TrapEvent, symbols: object) -> Styled:
@@ -129,6 +131,22 @@ def run_and_report(session: Session, action: Callable[[Debugger], TrapEvent]) ->
     return report_stop(session, dbg, first, event)
 
 
+def _run_bounded(
+    session: Session, count: int | None, action: Callable[[Debugger, int | None], TrapEvent]
+) -> Output:
+    """``action(dbg, count)``; in batch mode with no count, under :data:`BATCH_BUDGET`."""
+    default = count is None and session.batch
+    budget = BATCH_BUDGET if default else count
+    output = run_and_report(session, lambda dbg: action(dbg, budget))
+    stop = session.last_stop
+    event = stop.event if stop is not None else None
+    if default and event is not None and event.kind is TrapKind.STOP and event.name == "budget":
+        out = output if isinstance(output, Styled) else Styled(str(output or ""))
+        note = f"batch mode: stopped after the default budget of {budget} instructions"
+        return out.newline().add(note + " (give --count N for another bound)", "warning")
+    return output
+
+
 def _count(value: int | None) -> int:
     n = 1 if value is None else value
     if not 0 < n <= MAX_STEPS:
@@ -205,10 +223,13 @@ def continue_command(session: Session, args: Args) -> Output:
 
     Traps whose policy is `deliver` (the default) go through the guest's IDT on the
     way and are listed; `trap policy VEC stop` makes a vector stop instead.
+    Interactively the run has no bound but `--count` and `--timeout`; in batch
+    mode (`--batch`, or commands read from a pipe) a run without `--count` stops
+    after 100000000 instructions, and says so, so a script never hangs.
     """
     timeout = _seconds(args.timeout)
     count = None if args.count is None else _count(args.count)
-    return run_and_report(session, lambda dbg: dbg.cont(timeout=timeout, count=count))
+    return _run_bounded(session, count, lambda dbg, n: dbg.cont(timeout=timeout, count=n))
 
 
 @command(
@@ -224,9 +245,11 @@ def finish_command(session: Session, args: Args) -> Output:
     The return address is read at RSP on a function's first instruction, else at
     RBP+8 (a frame-pointer prologue). In the handler of the last trap delivered,
     finish runs until its iretq is back in the interrupted code (the trap frame's
-    RIP, CS and RSP).
+    RIP, CS and RSP). At the outermost frame (a return address of 0 or where no
+    code can run) it fails at once. In batch mode the run stops after 100000000
+    instructions.
     """
-    return run_and_report(session, lambda dbg: dbg.finish())
+    return _run_bounded(session, None, lambda dbg, n: dbg.finish(count=n))
 
 
 @command(
@@ -239,9 +262,16 @@ def finish_command(session: Session, args: Args) -> Output:
 )
 @requires_debugger
 def until_command(session: Session, args: Args) -> Output:
-    """Run until RIP reaches an address (or something else stops the machine first)."""
+    """Run until RIP reaches an address (or something else stops the machine first).
+
+    An address where no code can run (unmapped, not executable) fails at once. In
+    batch mode the run stops after 100000000 instructions.
+    """
     address = args.location
-    return run_and_report(session, lambda dbg: dbg.until(address))
+    reason = session.debugger.fetch_fault(address)
+    if reason is not None:
+        raise CommandError(f"until: cannot run to {address:#x}: no code can run there ({reason})")
+    return _run_bounded(session, None, lambda dbg, n: dbg.until(address, count=n))
 
 
 COMMANDS = (stepi_command, nexti_command, continue_command, finish_command, until_command)

@@ -13,6 +13,7 @@ from ..snapshot import SymbolSource
 from ..snapshot_io import save_snapshot
 from ..tables import decode_idt
 from .backtrace import MAX_FRAMES, backtrace
+from .overwrite import check_output_path
 from .registry import Arg, ArgKind, Args, Flag, Output, command
 from .render import symbolize
 from .session import Session
@@ -129,7 +130,8 @@ def _moved_symbols(session: Session, folder: Path) -> tuple[SymbolSource, ...]:
 @command(
     "save",
     args=(Arg("file", ArgKind.WORD, "the new snapshot document (.json)"),),
-    examples=("save after-int3.json",),
+    flags=(Flag("force", "overwrite an existing FILE (and its .phys side file)"),),
+    examples=("save after-int3.json", "save after-int3.json --force"),
     dont_repeat=True,
     category="traps",
 )
@@ -138,11 +140,17 @@ def save_command(session: Session, args: Args) -> Output:
 
     Memory goes to a sparse side file next to the document (`NAME.phys`), with
     breakpoint bytes restored to the guest's; the build section is dropped since
-    its result is in memory. A trap left pending is not saved.
+    its result is in memory. A trap left pending is not saved. It never writes over
+    the open snapshot or its side files, nor over another existing file (or its
+    `.phys`) without `--force`.
     """
     path = Path(args.file)
     if path.suffix != ".json":
         raise CommandError(f"{path}: a snapshot document ends in .json")
+    side = path.with_suffix(".phys")
+    check_output_path(session, path, force=args.force)
+    # The side file of a document being replaced is part of what is replaced.
+    check_output_path(session, side, force=args.force, replacing=[side] if path.exists() else [])
     snap = session.context.snapshot
     notes = []
     if session.has_machine:

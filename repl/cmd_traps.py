@@ -12,6 +12,7 @@ from ..snapshot import GENERAL_REGISTERS
 from ..traps.events import TrapEvent, TrapKind
 from ..traps.trace import RecordOptions, TraceHeader, TraceWriter
 from .cmd_running import describe_trap, report_stop
+from .overwrite import check_output_path
 from .preconditions import requires_debugger, requires_recording
 from .registry import Arg, ArgKind, Args, Flag, Output, command
 from .render import symbolize
@@ -134,7 +135,8 @@ def info_traps(session: Session, args: Args) -> Output:
 @command(
     "record start",
     args=(Arg("file", ArgKind.WORD, "the trace to write (JSON Lines)"),),
-    examples=("record start run.ktrace.jsonl",),
+    flags=(Flag("force", "overwrite an existing FILE"),),
+    examples=("record start run.ktrace.jsonl", "record start run.ktrace.jsonl --force"),
     dont_repeat=True,
     category="traps",
 )
@@ -143,10 +145,12 @@ def record_start(session: Session, args: Args) -> Output:
     """Write every trap event from now on to a trace file (docs/trace-format.md).
 
     The header names the snapshot (by file name: keep the trace next to it) and its
-    content hash, and lists the breakpoints set now.
+    content hash, and lists the breakpoints set now. It never writes over the open
+    snapshot or its side files, nor over another existing file without `--force`.
     """
     if session.recorder is not None:
         raise CommandError(f"already recording to {session.recorder.path} (record stop first)")
+    check_output_path(session, Path(args.file), force=args.force)
     dbg = session.debugger
     name = session.source.name if session.source is not None else "snapshot.json"
     options = RecordOptions(breaks=tuple(bp.address for bp in dbg.breakpoints if bp.enabled))

@@ -9,7 +9,10 @@ file's lines one by one; ``#`` starts a comment). Then:
 - otherwise the prompt opens.
 
 In batch mode (and when reading stdin) the exit status is 1 when any command
-failed, else 0.
+failed, else 0; ``continue``, ``finish`` and ``until`` without ``--count`` stop
+after a default budget of instructions (see :data:`.cmd_running.BATCH_BUDGET`),
+so a script cannot hang. A Ctrl-C (SIGINT) there ends the script: the remaining
+commands are not run and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .session import Session
 __all__ = ["add_repl_arguments", "repl_main", "run_lines"]
 
 PROG = "kctx-debug"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class _Ordered(argparse.Action):
@@ -101,6 +105,7 @@ def run_lines(
     """Run lines in order; (how many failed, whether ``quit`` ended them).
 
     Empty lines are skipped here: repeating the last command is for the prompt.
+    In batch mode a Ctrl-C ends them too (``session.interrupted`` tells which).
     """
     from .app import PROMPT
 
@@ -115,6 +120,8 @@ def run_lines(
             if not execute(dispatcher, printer, line):
                 failed += 1
         except QuitRequest:
+            return failed, True
+        if dispatcher.session.batch and dispatcher.session.interrupted:
             return failed, True
     return failed, False
 
@@ -154,23 +161,31 @@ def repl_main(
     dispatcher = Dispatcher(registry, session)
     printer = Printer(stdout, stderr)
     echo = getattr(args, "echo", False)
+    interactive_stdin = _isatty(stdin)
+    session.batch = bool(args.batch) or not interactive_stdin
     try:
         given = list(getattr(args, "repl_commands", None) or [])
         failed, quit_ = run_lines(dispatcher, printer, _given_lines(given), echo=echo)
-        interactive_stdin = _isatty(stdin)
         if quit_:
-            return 1 if failed else 0
+            return _batch_status(session, printer, failed)
         if args.batch and (given or interactive_stdin):
             return 1 if failed else 0
         if not interactive_stdin:
             more, _ = run_lines(dispatcher, printer, stdin, echo=echo)
-            return 1 if failed + more else 0
+            return _batch_status(session, printer, failed + more)
         from .app import history_path, run_interactive
 
         history = None if getattr(args, "no_history", False) else history_path()
         return run_interactive(dispatcher, printer, history_file=history)
     finally:
         session.close()
+
+
+def _batch_status(session: Session, printer: Printer, failed: int) -> int:
+    if session.batch and session.interrupted:
+        printer.error("interrupted: the remaining commands were not run")
+        return EXIT_INTERRUPTED
+    return 1 if failed else 0
 
 
 def _isatty(stream: TextIO) -> bool:

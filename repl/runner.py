@@ -38,6 +38,7 @@ def sigint_stops_runs(dispatcher: Dispatcher) -> Iterator[None]:
     session = dispatcher.session
 
     def on_sigint(signum: int, frame: object) -> None:
+        session.interrupted = True
         if session.running:
             session.interrupt()
         else:
@@ -56,6 +57,7 @@ def execute(dispatcher: Dispatcher, printer: Printer, line: str) -> bool:
     :raises QuitRequest: the line was ``quit``.
     """
     session = dispatcher.session
+    session.interrupted = False
     try:
         with sigint_stops_runs(dispatcher):
             output = dispatcher.run(line)
@@ -66,6 +68,7 @@ def execute(dispatcher: Dispatcher, printer: Printer, line: str) -> bool:
         printer.error(str(e))
         return False
     except KeyboardInterrupt:
+        session.interrupted = True
         printer.error("interrupted")
         return False
     except Exception as e:  # noqa: BLE001 - the REPL's top level: a bug must not end the session

@@ -88,6 +88,8 @@ class Session:
     notices: list[str] = field(default_factory=list)
     registry: CommandRegistry | None = None  # for help (set by whoever runs commands)
     running: bool = False  # a run is in progress: Ctrl-C stops it (see .runner)
+    batch: bool = False  # no prompt (--batch or stdin not a terminal): runs get a default budget
+    interrupted: bool = False  # Ctrl-C stopped the last run (batch mode then stops)
     _machine: Machine | None = None
     _debugger: Debugger | None = None
     _registers_before: dict[str, int] = field(default_factory=dict)

@@ -64,7 +64,7 @@ def value(text: str) -> int:
         ("!0 + !5", 1),
         ("0 - 1 > 5", 1),  # unsigned: 2**64 - 1 > 5
         ("17 / 5 * 5 + 17 % 5", 17),
-        ("1 << 64", 0),
+        ("1 << 63", 1 << 63),
         ("$cr3 >> 12", 0x100),
         ("*(u8*)jiffies", 1),
         ("*(u16*)$rbx", 0x0201),
@@ -130,6 +130,9 @@ def test_depth_limit_is_exact():
         ("*(u64*)0xdead", "cannot read 8 bytes at 0xdead"),
         ("1 / ($rax - 5)", "division by zero"),
         ("1 % 0", "division by zero"),
+        ("1 << 64", "shift count 64 is outside 0-63"),
+        ("1 >> 100", "shift count 100 is outside 0-63"),
+        ("1 << -1", "shift count -1 is outside 0-63"),
     ],
 )
 def test_evaluation_errors(text, match):

@@ -223,7 +223,7 @@ class Debugger:
         frame = self.machine.reg_read("rsp")
         return self._run(until=listing[0].next_address, arrived=self._above(frame))
 
-    def finish(self, *, frame_pointer: bool | None = None) -> TrapEvent:
+    def finish(self, *, frame_pointer: bool | None = None, count: int | None = None) -> TrapEvent:
         """Run until the current function returns to its caller.
 
         In the handler of the last delivery (see :meth:`trap_frame`) that is the
@@ -233,13 +233,15 @@ class Debugger:
         RBP+8 (a frame-pointer prologue, ``push rbp; mov rbp, rsp``);
         ``frame_pointer`` forces either. The run stops at the return address once RSP
         is above the return slot, so a recursive call returning to the same address
-        does not stop it.
+        does not stop it; ``count`` bounds the run (a ``budget`` stop).
         """
         rip = self.machine.reg_read("rip")
         if frame_pointer is None:
             trap_frame = self.trap_frame()
             if trap_frame is not None:
-                return self._run(until=trap_frame.rip, arrived=self._returned_to(trap_frame))
+                return self._run(
+                    until=trap_frame.rip, arrived=self._returned_to(trap_frame), count=count
+                )
             hit = self.symbols.lookup(rip)
             frame_pointer = not (hit is not None and hit.offset == 0)
         slot = self.machine.reg_read("rbp" if frame_pointer else "rsp") + (
@@ -249,7 +251,23 @@ class Debugger:
             ret = int.from_bytes(self.read_virtual(slot, _QWORD), "little")
         except KctxError as e:
             raise CommandError(f"cannot read the return address at {slot:#x}: {e}") from None
-        return self._run(until=ret, arrived=self._above(slot + _QWORD))
+        if ret == 0 or self.fetch_fault(ret) is not None:
+            # No caller to return to: GDB's words for the same case.
+            raise CommandError('"finish" not meaningful in the outermost frame.')
+        return self._run(until=ret, arrived=self._above(slot + _QWORD), count=count)
+
+    def fetch_fault(self, address: int) -> str | None:
+        """Why no privilege level could fetch an instruction at ``address`` (None: one can)."""
+        from ..pagetables.walk import Access, AccessKind
+
+        reason = None
+        for user in (False, True):
+            result = self.machine.translate(address, Access(AccessKind.FETCH, user=user))
+            if result.ok and result.fault is None:
+                return None
+            if reason is None:
+                reason = result.fault.reason if result.fault is not None else "not mapped"
+        return reason
 
     def trap_frame(self) -> TrapFrame | None:
         """The frame the last delivery pushed, if RIP is still in its handler.

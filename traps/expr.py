@@ -320,10 +320,11 @@ def _arith(op: str, a: int, b: int) -> int:
         return a // b
     if op == "%":
         return a % b
-    if op == "<<":
-        return a << b if b < _WIDTH else 0
-    if op == ">>":
-        return a >> b if b < _WIDTH else 0
+    if op in ("<<", ">>"):
+        if not 0 <= b < _WIDTH:
+            signed = b - (1 << _WIDTH) if b >> (_WIDTH - 1) == 1 and b <= _MASK else b
+            raise CommandError(f"shift count {signed} is outside 0-{_WIDTH - 1}")
+        return a << b if op == "<<" else a >> b
     if op == "&":
         return a & b
     if op == "|":

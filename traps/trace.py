@@ -225,10 +225,13 @@ class TraceWriter:
     def _line(self, doc: dict[str, Any]) -> None:
         if self._file is None:
             raise KctxError(f"{self.path}: the trace is closed")
-        self._file.write(json.dumps(doc, separators=(",", ":")) + "\n")
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
+        try:
+            self._file.write(json.dumps(doc, separators=(",", ":")) + "\n")
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+        except OSError as e:
+            raise KctxError(f"{self.path}: cannot write the trace: {e.strerror}") from None
 
     def close(self) -> None:
         if self._file is not None:
