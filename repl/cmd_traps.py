@@ -154,7 +154,9 @@ def record_start(session: Session, args: Args) -> Output:
     dbg = session.debugger
     name = session.source.name if session.source is not None else "snapshot.json"
     options = RecordOptions(breaks=tuple(bp.address for bp in dbg.breakpoints if bp.enabled))
-    header = TraceHeader(name, session.context.snapshot.content_hash(), __version__, options)
+    header = TraceHeader(
+        name, session.context.snapshot.content_hash(), __version__, options, origin="repl"
+    )
     writer = TraceWriter(Path(args.file), header)
     session.recorder = writer
 

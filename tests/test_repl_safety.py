@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from kctx_debug.cli import demo_snapshot_path
 from kctx_debug.repl import cmd_running
 from kctx_debug.repl.main import repl_main
+from kctx_debug.traps.trace import read_header
 
 
 def _run(snapshot: Path, *lines: str) -> tuple[int, str, str]:
@@ -104,3 +107,20 @@ def test_batch_sigint_stops_the_script_with_130(snap: Path, monkeypatch) -> None
     assert code == 130 and calls == [None]
     assert "interrupted: the remaining commands were not run" in err
     assert "0x1" not in out
+
+
+def test_repl_recorded_trace_says_it_cannot_replay(tmp_path):
+    """A REPL trace starts from the session's state, not the snapshot's: replay refuses it."""
+    trace = tmp_path / "session.ktrace.jsonl"
+    run = [sys.executable, "-m", "kctx_debug.cli"]
+    subprocess.run(
+        [*run, "--batch", "-ex", f"record start {trace}", "-ex", "stepi", "-ex", "record stop"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert read_header(trace).origin == "repl"
+    proc = subprocess.run(
+        [*run, "replay", str(demo_snapshot_path()), str(trace)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert "recorded interactively in the REPL" in line and "cannot be replayed" in line

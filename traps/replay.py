@@ -33,7 +33,7 @@ from .. import __version__
 from ..arch.vectors import NUM_VECTORS
 from ..emulator.control import StopKind
 from ..emulator.machine import Machine
-from ..errors import CommandError
+from ..errors import CommandError, TraceError
 from ..pagetables.context import KernelContext, open_context
 from .debugger import Debugger
 from .events import TrapEvent, TrapKind
@@ -350,6 +350,14 @@ def replay(
     """
     started = time.perf_counter()
     with TraceReader(trace_path) as reader:
+        if reader.header.origin == "repl":
+            raise TraceError(
+                str(trace_path),
+                1,
+                "origin: recorded interactively in the REPL, from the session's state at "
+                "'record start': it documents that session and cannot be replayed "
+                "(record replayable traces with 'kctx-debug record')",
+            )
         recorded = iter(reader)
         opened = _open(snapshot_path, source)
         try:

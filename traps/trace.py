@@ -132,6 +132,9 @@ def _no_unknown(doc: Mapping[str, Any], known: tuple[str, ...], where: str) -> N
         raise ValueError(f"{where}{extra[0]}: unknown field")
 
 
+ORIGINS = ("record", "repl")
+
+
 @dataclass(frozen=True)
 class TraceHeader:
     """Line 1 of a trace: which snapshot, which tool, which options."""
@@ -140,9 +143,12 @@ class TraceHeader:
     snapshot_hash: str  # Snapshot.content_hash()
     tool_version: str
     options: RecordOptions = field(default_factory=RecordOptions)
+    # "record" (the record verb: replayable) or "repl" (an interactive session's log,
+    # started from whatever state the session had: it documents, it does not replay).
+    origin: str = "record"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "format": TRACE_FORMAT,
             "version": TRACE_VERSION,
             "snapshot": self.snapshot,
@@ -150,6 +156,9 @@ class TraceHeader:
             "tool_version": self.tool_version,
             "options": self.options.to_json(),
         }
+        if self.origin != "record":
+            doc["origin"] = self.origin
+        return doc
 
     @classmethod
     def from_json(cls, doc: object, path: str, line: int) -> TraceHeader:
@@ -162,7 +171,9 @@ class TraceHeader:
             raise TraceError(
                 path, line, f"version: {doc.get('version')!r} is not supported ({TRACE_VERSION})"
             )
-        known = ("format", "version", "snapshot", "snapshot_hash", "tool_version", "options")
+        known = (
+            "format", "version", "snapshot", "snapshot_hash", "tool_version", "options", "origin"
+        )  # fmt: skip
         try:
             _no_unknown(doc, known, "")
             for key in ("snapshot", "snapshot_hash", "tool_version"):
@@ -175,9 +186,12 @@ class TraceHeader:
             if len(digest) != _HASH_DIGITS or digest.strip("0123456789abcdef"):
                 raise ValueError("snapshot_hash: expected 64 lowercase hex digits")
             options = RecordOptions.from_json(doc.get("options", {}))
+            origin = doc.get("origin", "record")
+            if origin not in ORIGINS:
+                raise ValueError(f"origin: expected one of {', '.join(ORIGINS)}")
         except ValueError as e:
             raise TraceError(path, line, str(e)) from None
-        return cls(snapshot, digest, doc["tool_version"], options)
+        return cls(snapshot, digest, doc["tool_version"], options, origin)
 
 
 @dataclass(frozen=True)
