@@ -21,7 +21,6 @@ from .errors import CommandError, KctxError
 __all__ = ["demo_snapshot_path", "main"]
 
 PROG = "kctx-debug"
-VERBS = ("ptdump", "translate", "import", "capture", "record", "replay")
 
 
 def demo_snapshot_path() -> Path:
@@ -136,21 +135,23 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    main = _Parser(
-        prog=PROG,
-        description="x86-64 kernel-context emulator and debugger.",
-        epilog="verbs: " + ", ".join(VERBS) + " (run '%(prog)s VERB --help')",
-    )
-    _add_snapshot_args(main, optional=True)
-    main.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+def _main_parser() -> argparse.ArgumentParser:
     from .repl.main import add_repl_arguments, repl_main
 
-    add_repl_arguments(main)
-    main.set_defaults(func=repl_main)
+    p = _Parser(
+        prog=PROG,
+        description="x86-64 kernel-context emulator and debugger.",
+        epilog="verbs: " + ", ".join(_VERB_PARSERS) + " (run '%(prog)s VERB --help')",
+    )
+    _add_snapshot_args(p, optional=True)
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_repl_arguments(p)
+    p.set_defaults(func=repl_main)
+    return p
 
-    verbs: dict[str, argparse.ArgumentParser] = {}
-    p = verbs["ptdump"] = _Parser(
+
+def _ptdump_parser() -> argparse.ArgumentParser:
+    p = _Parser(
         prog=f"{PROG} ptdump", description="Dump the page-table layout in Linux ptdump format."
     )
     _add_snapshot_args(p)
@@ -158,8 +159,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     p.add_argument("--range", type=_parse_range, metavar="START-END", help="only this VA range")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=_cmd_ptdump)
+    return p
 
-    p = verbs["translate"] = _Parser(
+
+def _translate_parser() -> argparse.ArgumentParser:
+    p = _Parser(
         prog=f"{PROG} translate",
         description="Walk the page tables for one virtual address, every level shown.",
     )
@@ -168,8 +172,11 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     p.add_argument("--access", help="check an access, e.g. 'write,user' or 'fetch'")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=_cmd_translate)
+    return p
 
-    p = verbs["import"] = _Parser(
+
+def _import_parser() -> argparse.ArgumentParser:
+    p = _Parser(
         prog=f"{PROG} import",
         description="Convert a QEMU dump-guest-memory ELF core into a snapshot document "
         "whose memory references the ELF in place.",
@@ -179,36 +186,62 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     p.add_argument("--cpu", type=int, default=0, help="vCPU to take (default 0)")
     p.add_argument("--symbols", help="System.map, kallsyms or vmlinux")
     p.set_defaults(func=_cmd_import)
+    return p
 
+
+def _capture_parser() -> argparse.ArgumentParser:
     from .capture.capture import add_capture_arguments
 
-    p = verbs["capture"] = _Parser(
+    p = _Parser(
         prog=f"{PROG} capture",
         description="Capture a running process into a kernel-context snapshot (ptrace).",
     )
     add_capture_arguments(p)
+    return p
 
-    from .traps.replay import add_record_arguments, add_replay_arguments
 
-    p = verbs["record"] = _Parser(
+def _record_parser() -> argparse.ArgumentParser:
+    from .traps.replay import add_record_arguments
+
+    p = _Parser(
         prog=f"{PROG} record",
         description="Run a snapshot with every trap delivered and record the trap log.",
     )
     add_record_arguments(p)
-    p = verbs["replay"] = _Parser(
+    return p
+
+
+def _replay_parser() -> argparse.ArgumentParser:
+    from .traps.replay import add_replay_arguments
+
+    p = _Parser(
         prog=f"{PROG} replay",
         description="Re-run a recorded trace; exit 1 with the first divergent event and field.",
     )
     add_replay_arguments(p)
-    return main, verbs
+    return p
+
+
+# Each verb's parser is built only when that verb runs, so offline verbs
+# (ptdump, translate, import) never import Unicorn, capstone or prompt-toolkit.
+_VERB_PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "ptdump": _ptdump_parser,
+    "translate": _translate_parser,
+    "import": _import_parser,
+    "capture": _capture_parser,
+    "record": _record_parser,
+    "replay": _replay_parser,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        main_parser, verbs = _build_parsers()
-        parser = verbs.get(argv[0], main_parser) if argv else main_parser
-        args = parser.parse_args(argv[1:] if parser is not main_parser else argv)
+        verb = _VERB_PARSERS.get(argv[0]) if argv else None
+        if verb is not None:
+            args = verb().parse_args(argv[1:])
+        else:
+            args = _main_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except KctxError as e:

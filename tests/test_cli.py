@@ -147,3 +147,14 @@ def test_elf_that_is_not_a_core(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("an ELF file, but not a QEMU dump-guest-memory core")
+
+
+def test_offline_verbs_do_not_load_the_emulator():
+    code = (
+        "import sys; from kctx_debug.cli import main; "
+        f"main(['ptdump', {DEMO!r}]); main(['translate', {DEMO!r}, '0x400000']); "
+        "sys.stderr.write(' '.join(m for m in ('unicorn', 'capstone', 'prompt_toolkit') "
+        "if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr == ""
